@@ -1,0 +1,34 @@
+"""optax_ekfac: EKFAC preconditioning for Flax models as optax transformations."""
+
+from optax_ekfac.capture import Curvature, Statistics
+from optax_ekfac.layers import Block, Layers, LayerStats
+from optax_ekfac.losses import (
+    sigmoid_binary_cross_entropy,
+    softmax_cross_entropy,
+    squared_error,
+)
+from optax_ekfac.transform import (
+    BlockState,
+    ScaleByEkfacState,
+    ekfac,
+    precondition,
+    scale_by_ekfac,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Block",
+    "BlockState",
+    "Curvature",
+    "LayerStats",
+    "Layers",
+    "ScaleByEkfacState",
+    "Statistics",
+    "ekfac",
+    "precondition",
+    "scale_by_ekfac",
+    "sigmoid_binary_cross_entropy",
+    "softmax_cross_entropy",
+    "squared_error",
+]

@@ -1,0 +1,254 @@
+"""Capture: every block's inputs and output gradients in the loss's own pass.
+
+`Curvature(loss_fn)` runs the user's `loss_fn` under a `flax.linen` method
+interceptor. For every call of a supported layer the interceptor records the
+layer input and adds a zero *perturbation* to the layer output. One
+`jax.value_and_grad` over `(params, perturbations)` then gives the loss, the
+parameter gradients and, as the perturbations' gradients, the output
+cotangents `dL/dy` of every call.
+
+`loss_fn` returns unreduced losses: `L = mean(l)` over its `N` entries, so a
+captured cotangent is `(1/N) dl_n/dy_n`. Scaling it by `N` gives the
+per-example output gradient `d_n = dl_n/dy_n` that the Fisher needs.
+"""
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_ekfac import layers as layers_lib
+from optax_ekfac.layers import Block, Layers, LayerStats
+
+
+class Statistics(NamedTuple):
+    """The statistics of one batch, as `scale_by_ekfac` takes them.
+
+    Attributes:
+        layers: block name -> one `LayerStats` per call of that block, in call
+            order (a module called twice has two entries).
+        num_terms: `N`, the number of loss terms the batch loss averages.
+    """
+
+    layers: dict[str, tuple[LayerStats, ...]]
+    num_terms: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Call:
+    """One call of a block seen while tracing `loss_fn`."""
+
+    name: str
+    kind: str
+    params: tuple[tuple[str, tuple[int, ...]], ...]
+    input_dim: int
+    output_dim: int
+    outputs: jax.ShapeDtypeStruct
+
+
+class _Interceptor:
+    """Records block calls; adds `perturbations[i]` to the i-th call's output.
+
+    With `perturbations=None` it only describes the calls (the shape pass).
+    """
+
+    def __init__(self, perturbations: tuple[jax.Array, ...] | None = None):
+        self.perturbations = perturbations
+        self.calls: list[_Call] = []
+        self.inputs: list[jax.Array] = []
+
+    def __call__(self, next_fun, args, kwargs, context):
+        kind = layers_lib.kind_of(context.module, context.method_name)
+        if kind is None:
+            return next_fun(*args, **kwargs)
+        inputs = args[0] if args else next(iter(kwargs.values()))
+        outputs = next_fun(*args, **kwargs)
+        index = len(self.calls)
+        if self.perturbations is not None:
+            if index >= len(self.perturbations) or (
+                outputs.shape != self.perturbations[index].shape
+            ):
+                raise RuntimeError(
+                    f"{'/'.join(context.module.path)}: loss_fn called its layers "
+                    "differently in two traces with the same inputs; the capture "
+                    "needs a loss_fn whose layer calls depend only on shapes."
+                )
+            outputs = outputs + self.perturbations[index]
+        shape = jax.ShapeDtypeStruct
+        params, input_dim, output_dim = layers_lib.describe_call(
+            kind,
+            context.module,
+            shape(inputs.shape, inputs.dtype),
+            shape(outputs.shape, outputs.dtype),
+        )
+        self.calls.append(
+            _Call(
+                name="/".join(context.module.path),
+                kind=kind,
+                params=params,
+                input_dim=input_dim,
+                output_dim=output_dim,
+                outputs=shape(outputs.shape, outputs.dtype),
+            )
+        )
+        self.inputs.append(inputs)
+        return outputs
+
+
+class Curvature:
+    """Loss, gradients and per-layer statistics in one forward/backward pass.
+
+    Args:
+        loss_fn: `loss_fn(params, *batch)` returning unreduced losses of shape
+            `[N]` (or `[B, T]`, ...: every entry is one loss term), e.g. from
+            `optax_ekfac.softmax_cross_entropy`. It must apply a `flax.linen`
+            model with `params` as its `"params"` collection.
+        has_aux: `loss_fn` returns `(losses, aux)`; `aux` is passed through.
+
+    Example:
+        >>> def loss_fn(params, x, y):
+        ...     logits = model.apply({"params": params}, x)
+        ...     return optax_ekfac.softmax_cross_entropy(logits, y)
+        >>> curvature = optax_ekfac.Curvature(loss_fn)
+        >>> layers = curvature.layers(params, x, y)
+        >>> loss, grads, stats = curvature.value_grad_and_stats(params, x, y)
+    """
+
+    def __init__(self, loss_fn: Callable[..., Any], *, has_aux: bool = False):
+        self.loss_fn = loss_fn
+        self.has_aux = has_aux
+
+    def _losses(self, params, batch, interceptor):
+        with nn.intercept_methods(interceptor):
+            result = self.loss_fn(params, *batch)
+        losses, aux = result if self.has_aux else (result, None)
+        losses = jnp.asarray(losses)
+        if losses.ndim == 0:
+            raise ValueError(
+                "loss_fn returned a scalar; it must return unreduced per-example "
+                "losses (shape [N], or [B, T] for token losses) so that the "
+                "capture knows N and can scale output gradients by it. Return "
+                "e.g. optax_ekfac.softmax_cross_entropy(logits, labels) without "
+                ".mean()."
+            )
+        if not jnp.issubdtype(losses.dtype, jnp.floating):
+            raise ValueError(f"loss_fn returned losses of dtype {losses.dtype}.")
+        return losses, aux
+
+    def _trace_calls(self, params, batch) -> tuple[list[_Call], int]:
+        """The block calls and the number of loss terms, from shapes alone."""
+        interceptor = _Interceptor()
+        losses = jax.eval_shape(
+            lambda p, b: self._losses(p, b, interceptor)[0], params, batch
+        )
+        if not interceptor.calls:
+            raise ValueError(
+                "loss_fn called no layer that EKFAC can precondition (supported: "
+                "flax.linen.Dense). Does loss_fn apply a flax.linen model?"
+            )
+        return interceptor.calls, losses.size
+
+    def layers(self, params: optax.Params, *batch: Any) -> Layers:
+        """Describes the blocks of the model, tracing `loss_fn` once (no FLOPs).
+
+        Args:
+            params: the model's `"params"` collection.
+            *batch: the arguments `loss_fn` takes after `params`.
+
+        Returns:
+            A printable `Layers` table to pass to `scale_by_ekfac`.
+        """
+        calls, _ = self._trace_calls(params, batch)
+        return _layers_from_calls(calls, params)
+
+    def value_grad_and_stats(
+        self, params: optax.Params, *batch: Any, key: jax.Array | None = None
+    ) -> tuple[Any, optax.Updates, Statistics]:
+        """The mean loss, its gradient and the batch statistics.
+
+        Args:
+            params: the model's `"params"` collection.
+            *batch: the arguments `loss_fn` takes after `params`.
+            key: reserved for sampled (Monte-Carlo) Fisher statistics; unused
+                by the empirical Fisher.
+
+        Returns:
+            `(loss, grads, stats)`: `loss = mean(l)` (`(loss, aux)` with
+            `has_aux`), `grads` its gradient with respect to `params`, and
+            the `Statistics` that `scale_by_ekfac` takes as `stats=`.
+        """
+        del key
+        calls, num_terms = self._trace_calls(params, batch)
+        perturbations = tuple(
+            jnp.zeros(call.outputs.shape, call.outputs.dtype) for call in calls
+        )
+
+        def mean_loss(params, perturbations):
+            interceptor = _Interceptor(perturbations)
+            losses, aux = self._losses(params, batch, interceptor)
+            return jnp.mean(losses), (tuple(interceptor.inputs), aux)
+
+        (loss, (inputs, aux)), (grads, cotangents) = jax.value_and_grad(
+            mean_loss, argnums=(0, 1), has_aux=True
+        )(params, perturbations)
+
+        per_block: dict[str, list[LayerStats]] = {}
+        for call, call_inputs, cotangent in zip(calls, inputs, cotangents):
+            output_grads = cotangent * jnp.asarray(num_terms, cotangent.dtype)
+            per_block.setdefault(call.name, []).append(
+                LayerStats(call_inputs, output_grads)
+            )
+        stats = Statistics(
+            layers={name: tuple(calls) for name, calls in per_block.items()},
+            num_terms=num_terms,
+        )
+        return ((loss, aux) if self.has_aux else loss), grads, stats
+
+
+def _layers_from_calls(calls: list[_Call], params: optax.Params) -> Layers:
+    """Groups calls into blocks and matches them to the params tree."""
+    leaves = layers_lib.leaves_by_path(params)
+    calls_by_name: dict[str, list[_Call]] = {}
+    for call in calls:
+        calls_by_name.setdefault(call.name, []).append(call)
+    blocks = []
+    for name, block_calls in calls_by_name.items():
+        first = block_calls[0]
+        for call in block_calls[1:]:
+            if (call.input_dim, call.output_dim) != (first.input_dim, first.output_dim):
+                raise ValueError(f"{name}: calls disagree on the block's shape.")
+        module_path = tuple(name.split("/"))
+        param_paths = tuple(module_path + (p,) for p, _ in first.params)
+        for path, (_, shape) in zip(param_paths, first.params):
+            if path not in leaves:
+                raise ValueError(
+                    f"{name}: its parameter {'/'.join(path)} is not in params. "
+                    "loss_fn must apply the model with the params it is given as "
+                    "its 'params' collection, e.g. model.apply({'params': params}"
+                    ", x); modules inside lifted transforms (nn.scan, nn.vmap) "
+                    "are not supported yet."
+                )
+            if leaves[path].shape != shape:
+                raise ValueError(
+                    f"{name}: params hold {'/'.join(path)} of shape "
+                    f"{leaves[path].shape}, the layer's calls need {shape}; are "
+                    "these the params loss_fn applies?"
+                )
+        blocks.append(
+            Block(
+                name=name,
+                kind=first.kind,
+                param_paths=param_paths,
+                input_dim=first.input_dim,
+                output_dim=first.output_dim,
+                num_calls=len(block_calls),
+            )
+        )
+    owned = {path for block in blocks for path in block.param_paths}
+    fallback = tuple(path for path in leaves if path not in owned)
+    return Layers(blocks=tuple(blocks), fallback=fallback)
+
