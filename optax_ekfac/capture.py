@@ -43,6 +43,7 @@ class _Call:
     """One call of a block seen while tracing `loss_fn`."""
 
     name: str
+    module_path: tuple[str, ...]
     kind: str
     params: tuple[tuple[str, tuple[int, ...]], ...]
     input_dim: int
@@ -68,12 +69,13 @@ class _Interceptor:
         inputs = args[0] if args else next(iter(kwargs.values()))
         outputs = next_fun(*args, **kwargs)
         index = len(self.calls)
+        name = layers_lib.block_name(context.module.path)
         if self.perturbations is not None:
             if index >= len(self.perturbations) or (
                 outputs.shape != self.perturbations[index].shape
             ):
                 raise RuntimeError(
-                    f"{'/'.join(context.module.path)}: loss_fn called its layers "
+                    f"{name}: loss_fn called its layers "
                     "differently in two traces with the same inputs; the capture "
                     "needs a loss_fn whose layer calls depend only on shapes."
                 )
@@ -87,7 +89,8 @@ class _Interceptor:
         )
         self.calls.append(
             _Call(
-                name="/".join(context.module.path),
+                name=name,
+                module_path=tuple(context.module.path),
                 kind=kind,
                 params=params,
                 input_dim=input_dim,
@@ -221,8 +224,7 @@ def _layers_from_calls(calls: list[_Call], params: optax.Params) -> Layers:
         for call in block_calls[1:]:
             if (call.input_dim, call.output_dim) != (first.input_dim, first.output_dim):
                 raise ValueError(f"{name}: calls disagree on the block's shape.")
-        module_path = tuple(name.split("/"))
-        param_paths = tuple(module_path + (p,) for p, _ in first.params)
+        param_paths = tuple(first.module_path + (p,) for p, _ in first.params)
         for path, (_, shape) in zip(param_paths, first.params):
             if path not in leaves:
                 raise ValueError(
@@ -251,4 +253,3 @@ def _layers_from_calls(calls: list[_Call], params: optax.Params) -> Layers:
     owned = {path for block in blocks for path in block.param_paths}
     fallback = tuple(path for path in leaves if path not in owned)
     return Layers(blocks=tuple(blocks), fallback=fallback)
-

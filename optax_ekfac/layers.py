@@ -93,11 +93,20 @@ class Layers:
             for block in self.blocks
         ]
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
-                 for row in rows]
+        lines = [
+            "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows
+        ]
         fallback = ", ".join("/".join(path) for path in self.fallback)
         lines.append(f"diagonal fallback: {fallback or 'none'}")
         return "\n".join(lines)
+
+
+ROOT_NAME = "(root)"
+
+
+def block_name(module_path: Sequence[str]) -> str:
+    """A block's name: its module path joined by "/" (the root: "(root)")."""
+    return "/".join(module_path) or ROOT_NAME
 
 
 # --- recognising a call --------------------------------------------------------
@@ -122,7 +131,7 @@ def describe_call(
     del kind  # Dense is the only kind so far.
     if inputs.ndim < 2:
         raise ValueError(
-            f"{'/'.join(module.path)}: a Dense layer was called on an input of "
+            f"{block_name(module.path)}: a Dense layer was called on an input of "
             f"shape {inputs.shape}; the capture needs a leading batch axis "
             "(do not call the model under jax.vmap inside loss_fn)."
         )

@@ -65,9 +65,7 @@ def squared_error(predictions: jax.Array, targets: jax.Array) -> jax.Array:
     return jnp.sum(optax.l2_loss(predictions, targets), axis=-1)
 
 
-def sigmoid_binary_cross_entropy(
-    logits: jax.Array, labels: jax.Array
-) -> jax.Array:
+def sigmoid_binary_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Independent Bernoulli negative log-likelihood summed over the last axis.
 
     Args:

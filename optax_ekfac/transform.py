@@ -154,10 +154,9 @@ def scale_by_ekfac(
         refresh_stats = state.count % stats_update_every == 0
         refresh_eigen = state.count % eigen_update_every == 0
         stats_count = state.stats_count + refresh_stats.astype(jnp.int32)
-        scalings_count = (
-            jnp.where(refresh_eigen, 0, state.scalings_count)
-            + refresh_stats.astype(jnp.int32)
-        )
+        scalings_count = jnp.where(
+            refresh_eigen, 0, state.scalings_count
+        ) + refresh_stats.astype(jnp.int32)
 
         def refresh(blocks, second_moments):
             blocks = {
@@ -278,7 +277,10 @@ def _refresh_block(
     input_rows, output_rows = layers_lib.block_rows(block, block_stats, dtype)
     num_rows = input_rows.shape[0]
     input_factor = _ema(
-        block_state.input_factor, input_rows.T @ input_rows / num_rows, decay, stats_count
+        block_state.input_factor,
+        input_rows.T @ input_rows / num_rows,
+        decay,
+        stats_count,
     )
     output_factor = _ema(
         block_state.output_factor,

@@ -1,0 +1,105 @@
+"""Brute-force references: per-example quantities from `jax.vmap(jax.grad(...))`.
+
+The reference models mark each Dense layer's input with `sow` and its output with
+flax's own `perturb`, so per-example output gradients come from gradients with
+respect to perturbations, example by example, independently of the library's
+interceptor (for which `perturb` is a no-op).
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import optax_ekfac as oek
+
+
+class MLP(nn.Module):
+    """Dense layers with tanh between; layer i is `dense_i`."""
+
+    features: tuple[int, ...] = (6, 3)
+    use_bias: tuple[bool, ...] = (True, True)
+
+    @nn.compact
+    def __call__(self, x):
+        for i, (features, use_bias) in enumerate(zip(self.features, self.use_bias)):
+            if i:
+                x = jnp.tanh(x)
+            self.sow("intermediates", f"input_{i}", x)
+            x = nn.Dense(
+                features, use_bias=use_bias, name=f"dense_{i}", param_dtype=jnp.float64
+            )(x)
+            x = self.perturb(f"output_{i}", x)
+        return x
+
+
+def init(model, x):
+    """Params and zero perturbations for a batch of one example like `x[:1]`."""
+    variables = model.init(jax.random.key(0), x[:1])
+    return variables["params"], variables["perturbations"]
+
+
+def per_example(model, params, perturbations, loss_of_outputs, x, y):
+    """Per-example inputs, output gradients and parameter gradients.
+
+    Returns:
+        (inputs, output_grads, param_grads): dicts keyed by layer index holding
+        `[N, ...]` arrays, and the params tree with a leading `N` axis.
+    """
+
+    def loss_n(params, perturbations, x_n, y_n):
+        outputs = model.apply(
+            {"params": params, "perturbations": perturbations}, x_n[None]
+        )
+        return loss_of_outputs(outputs, y_n[None])[0]
+
+    param_grads, perturbation_grads = jax.vmap(
+        jax.grad(loss_n, argnums=(0, 1)), in_axes=(None, None, 0, 0)
+    )(params, perturbations, x, y)
+    _, sown = model.apply({"params": params}, x, mutable=["intermediates"])
+    num_layers = len(model.features)
+    inputs = {i: sown["intermediates"][f"input_{i}"][0] for i in range(num_layers)}
+    output_grads = {
+        i: perturbation_grads[f"output_{i}"][:, 0] for i in range(num_layers)
+    }
+    return inputs, output_grads, param_grads
+
+
+def block_gradients(param_grads, layer: int, use_bias: bool):
+    """Per-example block matrices `G_n`: kernel rows, then the bias row."""
+    layer_grads = param_grads[f"dense_{layer}"]
+    if not use_bias:
+        return layer_grads["kernel"]
+    return jnp.concatenate([layer_grads["kernel"], layer_grads["bias"][:, None]], 1)
+
+
+def with_ones(inputs):
+    return jnp.concatenate([inputs, jnp.ones(inputs.shape[:-1] + (1,))], -1)
+
+
+def dense_fisher(block_grads):
+    """Exact empirical Fisher of a block, `mean_n vec(G_n) vec(G_n)ᵀ` (row-major)."""
+    flat = block_grads.reshape(block_grads.shape[0], -1)
+    return flat.T @ flat / flat.shape[0]
+
+
+def dense_block(block_state: oek.BlockState):
+    """The dense curvature matrix a block state stands for: `Q diag(S) Qᵀ`."""
+    basis = jnp.kron(block_state.input_eigenbasis, block_state.output_eigenbasis)
+    return basis @ jnp.diag(block_state.scalings.reshape(-1)) @ basis.T
+
+
+def ekfac_reference(input_factor, output_factor, fisher):
+    """Eigenbases of the factors and the exact diagonal of `fisher` in them."""
+    _, input_basis = np.linalg.eigh(input_factor)
+    _, output_basis = np.linalg.eigh(output_factor)
+    basis = np.kron(input_basis, output_basis)
+    scalings = np.diag(basis.T @ fisher @ basis)
+    shape = (input_factor.shape[0], output_factor.shape[0])
+    return input_basis, output_basis, scalings.reshape(shape)
+
+
+def assert_same_basis(basis, reference_basis, atol=1e-8):
+    """Equal up to the sign of each column."""
+    overlap = np.abs(np.asarray(basis).T @ np.asarray(reference_basis))
+    np.testing.assert_allclose(overlap, np.eye(overlap.shape[0]), atol=atol)
