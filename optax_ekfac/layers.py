@@ -146,25 +146,45 @@ def describe_call(
 
 
 def input_rows(block: Block, inputs: jax.Array, dtype: Any) -> jax.Array:
-    """Input rows `a`: `[rows, input_dim]`, with a trailing 1 for the bias."""
-    rows = inputs.reshape(-1, inputs.shape[-1]).astype(dtype)
+    """Input rows `a` of one call: `[N, positions, input_dim]`.
+
+    The leading axis of the layer input is the example axis; every other
+    leading axis is a position of that example. With a bias, each row gets a
+    trailing 1.
+    """
+    rows = inputs.reshape(inputs.shape[0], -1, inputs.shape[-1]).astype(dtype)
     if block.has_bias:
-        rows = jnp.concatenate([rows, jnp.ones((rows.shape[0], 1), dtype)], 1)
+        rows = jnp.concatenate([rows, jnp.ones(rows.shape[:2] + (1,), dtype)], -1)
     return rows
 
 
 def output_rows(block: Block, output_grads: jax.Array, dtype: Any) -> jax.Array:
-    """Output rows `d`: `[rows, output_dim]` per-example output gradients."""
-    return output_grads.reshape(-1, block.output_dim).astype(dtype)
+    """Output rows `d` of one call: `[N, positions, output_dim]`."""
+    return output_grads.reshape(output_grads.shape[0], -1, block.output_dim).astype(
+        dtype
+    )
+
+
+def example_rows(
+    block: Block, stats: Sequence[LayerStats], dtype: Any
+) -> tuple[jax.Array, jax.Array]:
+    """Input and output rows of all calls: `[N, positions, dim]` each.
+
+    The calls of a block are positions of the same examples, so they are
+    concatenated along the positions axis: the per-example block gradient is
+    `G_n = Σ_p a_{n,p} d_{n,p}ᵀ`.
+    """
+    inputs = [input_rows(block, call.inputs, dtype) for call in stats]
+    outputs = [output_rows(block, call.output_grads, dtype) for call in stats]
+    return jnp.concatenate(inputs, 1), jnp.concatenate(outputs, 1)
 
 
 def block_rows(
     block: Block, stats: Sequence[LayerStats], dtype: Any
 ) -> tuple[jax.Array, jax.Array]:
-    """Input and output rows of all calls of a block, stacked."""
-    inputs = [input_rows(block, call.inputs, dtype) for call in stats]
-    outputs = [output_rows(block, call.output_grads, dtype) for call in stats]
-    return jnp.concatenate(inputs), jnp.concatenate(outputs)
+    """Input and output rows of all calls and positions: `[rows, dim]` each."""
+    inputs, outputs = example_rows(block, stats, dtype)
+    return inputs.reshape(-1, block.input_dim), outputs.reshape(-1, block.output_dim)
 
 
 # --- between parameter trees and block matrices --------------------------------
