@@ -2,34 +2,53 @@
 
 A block is the weight and bias of one layer, seen as one matrix
 `G` of shape `(input_dim, output_dim)`: kernel rows first, then the bias row.
-Its Kronecker factors are built from *input rows* `a` (the layer input with a
-trailing 1 when there is a bias) and *output rows* `d` (per-example output
-gradients), so that the per-example block gradient is `a dᵀ` summed over the
-positions of that example.
+Its Kronecker factors are built from *input rows* `a` (what multiplies the
+kernel, with a trailing 1 when there is a bias) and *output rows* `d`
+(per-example output gradients), so that the per-example block gradient is
+`G_n = Σ_p a_{n,p} d_{n,p}ᵀ`, summed over the positions `p` of example `n`.
 
-This module knows, per layer kind, how to recognise a call, how to turn the
-captured arrays into rows, and how to move between the parameter gradients and
-the block matrix. `capture.py` uses the first; `transform.py` the rest.
+| kind         | input rows `a`                          | output rows `d`          |
+| ------------ | --------------------------------------- | ------------------------ |
+| Dense        | the input's last axis                   | the output's last axis   |
+| DenseGeneral | the contracted input axes, flattened    | the feature axes         |
+| Conv         | image patches (KFC, Grosse & Martens)   | each output position     |
+| Embed        | one-hot token ids (kept as ids)         | each token's output      |
+
+A grouped convolution (`feature_group_count = G`) is `G` independent blocks
+of the same shape, stacked on a leading group axis of its rows, its block
+matrix and its optimizer state. An embedding's input rows are one-hot, so its
+input factor is diagonal (token frequencies) and is kept as a vector.
+
+This module knows, per kind, how to recognise a call, how to turn the captured
+arrays into rows, and how to move between parameter leaves and the block
+matrix. `capture.py` uses the first; `transform.py` the rest.
 """
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.linen.linear import canonicalize_padding
 
 ParamPath = tuple[str, ...]
+ParamShapes = tuple[tuple[str, tuple[int, ...]], ...]
+
+ROOT_NAME = "(root)"
+SUPPORTED = "flax.linen Dense, DenseGeneral, Conv and Embed"
 
 
 class LayerStats(NamedTuple):
     """What one call of a layer contributes to its block's statistics.
 
     Attributes:
-        inputs: the layer input, `[N, ..., d_in]` as the layer saw it.
+        inputs: the layer input as the layer saw it, `[N, ...]` (token ids
+            for an embedding lookup).
         output_grads: per-example output gradients `dl_n/dy_n`, the shape of
-            the layer output `[N, ..., d_out]`.
+            the layer output `[N, ...]`.
     """
 
     inputs: jax.Array
@@ -43,12 +62,16 @@ class Block:
     Attributes:
         name: the module path, e.g. `"encoder/Dense_0"`; keys the statistics
             and the optimizer state.
-        kind: the layer kind, e.g. `"Dense"`.
+        kind: the layer kind: `"Dense"`, `"DenseGeneral"`, `"Conv"`, `"Embed"`.
         param_paths: paths of the parameters the block owns in the params
-            tree: the kernel, then the bias if there is one.
-        input_dim: size of the input factor `A` (`d_in`, plus 1 with a bias).
-        output_dim: size of the output factor `B` (`d_out`).
+            tree: the kernel (or embedding), then the bias if there is one.
+        input_dim: size of the input factor `A` of one group (`d_in`, plus 1
+            with a bias).
+        output_dim: size of the output factor `B` of one group.
         num_calls: how many times the module is called per forward pass.
+        num_groups: independent blocks stacked on a leading axis (the
+            `feature_group_count` of a convolution; 1 otherwise).
+        config: static settings of the kind (convolution geometry, ...).
     """
 
     name: str
@@ -56,11 +79,22 @@ class Block:
     param_paths: tuple[ParamPath, ...]
     input_dim: int
     output_dim: int
-    num_calls: int
+    num_calls: int = 1
+    num_groups: int = 1
+    config: tuple = ()
 
     @property
     def has_bias(self) -> bool:
         return len(self.param_paths) == 2
+
+    @property
+    def diagonal_input(self) -> bool:
+        """The input factor is diagonal with the identity as eigenbasis."""
+        return self.kind == "Embed"
+
+    @property
+    def grouped(self) -> bool:
+        return self.num_groups > 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,17 +115,24 @@ class Layers:
 
     def __str__(self) -> str:
         header = ("block", "kind", "calls", "A", "B", "parameters")
-        rows = [header] + [
-            (
-                block.name,
-                block.kind,
-                str(block.num_calls),
-                f"{block.input_dim}x{block.input_dim}",
-                f"{block.output_dim}x{block.output_dim}",
-                ", ".join("/".join(path) for path in block.param_paths),
+        rows = [header]
+        for block in self.blocks:
+            groups = f"{block.num_groups} x " if block.grouped else ""
+            input_factor = (
+                f"diag {block.input_dim}"
+                if block.diagonal_input
+                else f"{block.input_dim}x{block.input_dim}"
             )
-            for block in self.blocks
-        ]
+            rows.append(
+                (
+                    block.name,
+                    block.kind,
+                    str(block.num_calls),
+                    groups + input_factor,
+                    groups + f"{block.output_dim}x{block.output_dim}",
+                    ", ".join("/".join(path) for path in block.param_paths),
+                )
+            )
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
         lines = [
             "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows
@@ -101,23 +142,41 @@ class Layers:
         return "\n".join(lines)
 
 
-ROOT_NAME = "(root)"
-
-
 def block_name(module_path: Sequence[str]) -> str:
     """A block's name: its module path joined by "/" (the root: "(root)")."""
     return "/".join(module_path) or ROOT_NAME
 
 
-# --- recognising a call --------------------------------------------------------
+# --- recognising a call ----------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CallShape:
+    """What one call says about its block (see `Block` for the fields)."""
+
+    params: ParamShapes
+    input_dim: int
+    output_dim: int
+    num_groups: int = 1
+    config: tuple = ()
 
 
 def kind_of(module: nn.Module, method_name: str) -> str | None:
-    """The layer kind of a module method call, or None if it is not a block."""
+    """The layer kind of a module method call, or None if it is not a block.
+
+    Modules that are not recognised (and Conv with a mask, DenseGeneral with
+    `batch_dims`) are not captured: their parameters fall back to the diagonal.
+    """
+    if isinstance(module, nn.Embed):
+        return "Embed" if method_name == "__call__" else None
     if method_name != "__call__":
         return None
     if isinstance(module, nn.Dense):
         return "Dense"
+    if isinstance(module, nn.DenseGeneral) and not module.batch_dims:
+        return "DenseGeneral"
+    if isinstance(module, nn.Conv) and module.mask is None:
+        return "Conv"
     return None
 
 
@@ -126,20 +185,93 @@ def describe_call(
     module: nn.Module,
     inputs: jax.ShapeDtypeStruct,
     outputs: jax.ShapeDtypeStruct,
-) -> tuple[tuple[tuple[str, tuple[int, ...]], ...], int, int]:
-    """The parameters (name, shape), input_dim and output_dim of one call."""
-    del kind  # Dense is the only kind so far.
-    if inputs.ndim < 2:
+) -> CallShape:
+    """The block shape one call implies; raises if the capture can't use it."""
+    name = block_name(module.path)
+    if kind != "Embed" and inputs.ndim < 2:
         raise ValueError(
-            f"{block_name(module.path)}: a Dense layer was called on an input of "
-            f"shape {inputs.shape}; the capture needs a leading batch axis "
-            "(do not call the model under jax.vmap inside loss_fn)."
+            f"{name}: a {kind} layer was called on an input of shape "
+            f"{inputs.shape}; the capture needs a leading batch axis (do not "
+            "call the model under jax.vmap inside loss_fn)."
         )
+    return _DESCRIBE[kind](name, module, inputs, outputs)
+
+
+def _describe_dense(name, module, inputs, outputs) -> CallShape:
+    del name
     d_in, d_out = inputs.shape[-1], outputs.shape[-1]
     params = (("kernel", (d_in, d_out)),)
     if module.use_bias:
         params += (("bias", (d_out,)),)
-    return params, d_in + module.use_bias, d_out
+    return CallShape(params, d_in + module.use_bias, d_out)
+
+
+def _describe_dense_general(name, module, inputs, outputs) -> CallShape:
+    axes = tuple(a % inputs.ndim for a in _as_tuple(module.axis))
+    if 0 in axes:
+        raise ValueError(
+            f"{name}: DenseGeneral contracts axis 0, which the capture takes as "
+            "the example axis; keep the batch axis first and uncontracted."
+        )
+    features = _as_tuple(module.features)
+    in_shape = tuple(inputs.shape[a] for a in axes)
+    params = (("kernel", in_shape + features),)
+    if module.use_bias:
+        params += (("bias", features),)
+    config = (axes, len(features))
+    return CallShape(
+        params, math.prod(in_shape) + module.use_bias, math.prod(features), 1, config
+    )
+
+
+def _describe_conv(name, module, inputs, outputs) -> CallShape:
+    kernel_size = _as_tuple(module.kernel_size)
+    num_spatial = len(kernel_size)
+    if inputs.ndim != num_spatial + 2:
+        raise ValueError(
+            f"{name}: Conv input {inputs.shape} needs exactly one batch axis "
+            f"before its {num_spatial} spatial axes and channels."
+        )
+    in_channels, features = inputs.shape[-1], module.features
+    groups = module.feature_group_count
+    group_in, group_out = in_channels // groups, features // groups
+
+    def broadcast(value):
+        value = 1 if value is None else value
+        return (value,) * num_spatial if isinstance(value, int) else tuple(value)
+
+    padding = canonicalize_padding(module.padding, num_spatial)
+    padding = padding if isinstance(padding, str) else tuple(map(tuple, padding))
+    config = (
+        kernel_size,
+        broadcast(module.strides),
+        padding,
+        broadcast(module.input_dilation),
+        broadcast(module.kernel_dilation),
+    )
+    params = (("kernel", kernel_size + (group_in, features)),)
+    if module.use_bias:
+        params += (("bias", (features,)),)
+    input_dim = math.prod(kernel_size) * group_in + module.use_bias
+    return CallShape(params, input_dim, group_out, groups, config)
+
+
+def _describe_embed(name, module, inputs, outputs) -> CallShape:
+    if inputs.ndim < 1 or not jnp.issubdtype(inputs.dtype, jnp.integer):
+        raise ValueError(
+            f"{name}: Embed needs integer token ids with a leading batch axis; "
+            f"got {inputs.dtype}{list(inputs.shape)}."
+        )
+    params = (("embedding", (module.num_embeddings, module.features)),)
+    return CallShape(params, module.num_embeddings, module.features)
+
+
+_DESCRIBE = {
+    "Dense": _describe_dense,
+    "DenseGeneral": _describe_dense_general,
+    "Conv": _describe_conv,
+    "Embed": _describe_embed,
+}
 
 
 # --- rows of the Kronecker factors ------------------------------------------------
@@ -149,20 +281,37 @@ def input_rows(block: Block, inputs: jax.Array, dtype: Any) -> jax.Array:
     """Input rows `a` of one call: `[N, positions, input_dim]`.
 
     The leading axis of the layer input is the example axis; every other
-    leading axis is a position of that example. With a bias, each row gets a
-    trailing 1.
+    leading axis (sequence, image position) is a position of that example.
+    With a bias, each row gets a trailing 1. A grouped block's rows carry a
+    leading group axis, `[G, N, positions, input_dim]`. An embedding's rows
+    are its token ids, `[N, positions]` (one-hot, never materialised).
     """
-    rows = inputs.reshape(inputs.shape[0], -1, inputs.shape[-1]).astype(dtype)
+    if block.kind == "Embed":
+        return inputs.reshape(inputs.shape[0], -1)
+    if block.kind == "DenseGeneral":
+        axes, _ = block.config
+        inputs = jnp.moveaxis(inputs, axes, tuple(range(-len(axes), 0)))
+        inputs = inputs.reshape(inputs.shape[: -len(axes)] + (-1,))
+    if block.kind == "Conv":
+        inputs = _conv_patches(block, inputs)
+    num_features = block.input_dim - block.has_bias
+    leading = inputs.shape[: 1 + block.grouped]  # [G,] N
+    rows = inputs.reshape(leading + (-1, num_features)).astype(dtype)
     if block.has_bias:
-        rows = jnp.concatenate([rows, jnp.ones(rows.shape[:2] + (1,), dtype)], -1)
+        rows = jnp.concatenate([rows, jnp.ones(rows.shape[:-1] + (1,), dtype)], -1)
     return rows
 
 
 def output_rows(block: Block, output_grads: jax.Array, dtype: Any) -> jax.Array:
-    """Output rows `d` of one call: `[N, positions, output_dim]`."""
-    return output_grads.reshape(output_grads.shape[0], -1, block.output_dim).astype(
-        dtype
-    )
+    """Output rows `d` of one call: `[N, positions, output_dim]` (grouped:
+    `[G, N, positions, output_dim]`)."""
+    num_examples = output_grads.shape[0]
+    if block.grouped:
+        rows = output_grads.reshape(
+            num_examples, -1, block.num_groups, block.output_dim
+        )
+        return jnp.moveaxis(rows, 2, 0).astype(dtype)
+    return output_grads.reshape(num_examples, -1, block.output_dim).astype(dtype)
 
 
 def example_rows(
@@ -176,41 +325,129 @@ def example_rows(
     """
     inputs = [input_rows(block, call.inputs, dtype) for call in stats]
     outputs = [output_rows(block, call.output_grads, dtype) for call in stats]
-    return jnp.concatenate(inputs, 1), jnp.concatenate(outputs, 1)
+    positions_axis = -1 if block.diagonal_input else -2  # token ids: [N, P]
+    return (
+        jnp.concatenate(inputs, positions_axis),
+        jnp.concatenate(outputs, -2),
+    )
 
 
-def block_rows(
-    block: Block, stats: Sequence[LayerStats], dtype: Any
-) -> tuple[jax.Array, jax.Array]:
-    """Input and output rows of all calls and positions: `[rows, dim]` each."""
-    inputs, outputs = example_rows(block, stats, dtype)
-    return inputs.reshape(-1, block.input_dim), outputs.reshape(-1, block.output_dim)
+def check_call(block: Block, call: LayerStats) -> None:
+    """Raises if one call's statistics do not fit the block."""
+    inputs, outputs = call.inputs.shape, call.output_grads.shape
+    if block.kind == "Embed":
+        expected_inputs = None
+        fits_inputs = inputs == outputs[:-1]
+    elif block.kind == "DenseGeneral":
+        axes, num_features = block.config
+        expected_inputs = block.input_dim - block.has_bias
+        fits_inputs = max(axes) < len(inputs) and (
+            math.prod(inputs[a] for a in axes) == expected_inputs
+        )
+    else:  # Dense, Conv: the channels are last.
+        group_channels = (block.input_dim - block.has_bias) // math.prod(
+            block.config[0] if block.kind == "Conv" else ()
+        )
+        expected_inputs = group_channels * block.num_groups
+        fits_inputs = inputs[-1] == expected_inputs
+    num_features = block.config[1] if block.kind == "DenseGeneral" else 1
+    fits_outputs = (
+        math.prod(outputs[len(outputs) - num_features :])
+        == block.output_dim * block.num_groups
+    )
+    if not (fits_inputs and fits_outputs and inputs[:1] == outputs[:1]):
+        raise ValueError(
+            f"scale_by_ekfac: stats for {block.name} have inputs {inputs} and "
+            f"output gradients {outputs}, which do not fit its {block.kind} block "
+            f"(input features {expected_inputs}, output features "
+            f"{block.output_dim * block.num_groups}). Were they captured from "
+            "another model?"
+        )
+
+
+def _conv_patches(block: Block, inputs: jax.Array) -> jax.Array:
+    """Image patches `[N, *out_spatial, G, K * C_in/G]`, rows ordered like the
+    kernel `(*kernel_size, C_in/G)` flattened."""
+    kernel_size, strides, padding, input_dilation, kernel_dilation = block.config
+    num_spatial = len(kernel_size)
+    if padding in ("CIRCULAR", "REFLECT", "CAUSAL"):
+        # As flax.linen.Conv does: pad explicitly, then convolve VALID.
+        dilated = [(k - 1) * d + 1 for k, d in zip(kernel_size, kernel_dilation)]
+        if padding == "CAUSAL":
+            pads = [(dilated[0] - 1, 0)]
+            mode = "constant"
+        else:
+            pads = [((k - 1) // 2, k // 2) for k in dilated]
+            mode = {"CIRCULAR": "wrap", "REFLECT": "reflect"}[padding]
+        inputs = jnp.pad(inputs, [(0, 0)] + pads + [(0, 0)], mode=mode)
+        padding = "VALID"
+    spatial = "ABDEFGHJKL"[:num_spatial]  # any letters but N, C, I, O
+    patches = jax.lax.conv_general_dilated_patches(
+        inputs,
+        filter_shape=kernel_size,
+        window_strides=strides,
+        padding=padding,
+        lhs_dilation=input_dilation,
+        rhs_dilation=kernel_dilation,
+        dimension_numbers=("N" + spatial + "C", spatial + "IO", "N" + spatial + "C"),
+        precision=jax.lax.Precision.HIGHEST,
+    )
+    # Patch features come channel-major (c * K + k); the kernel is (k, c).
+    channels = inputs.shape[-1]
+    group_channels = channels // block.num_groups
+    patches = patches.reshape(
+        patches.shape[:-1] + (block.num_groups, group_channels, -1)
+    )
+    patches = jnp.swapaxes(patches, -1, -2)
+    patches = patches.reshape(patches.shape[:-2] + (-1,))
+    if not block.grouped:
+        return patches[..., 0, :]
+    # [N, *spatial, G, K*Cg] -> [G, N, *spatial, K*Cg]
+    return jnp.moveaxis(patches, -2, 0)
 
 
 # --- between parameter trees and block matrices --------------------------------
 
 
 def block_matrix(block: Block, leaves: Mapping[ParamPath, jax.Array]) -> jax.Array:
-    """The block matrix `(input_dim, output_dim)` from its parameter leaves."""
+    """The block matrix `(input_dim, output_dim)` (grouped: with a leading
+    group axis) from its parameter leaves."""
     kernel = leaves[block.param_paths[0]]
+    if block.grouped:
+        # (*k, Cg, G*Og) -> (G, K*Cg, Og)
+        kernel = kernel.reshape(-1, block.num_groups, block.output_dim)
+        kernel = jnp.moveaxis(kernel, 1, 0)
+    else:
+        kernel = kernel.reshape(-1, block.output_dim)
     if not block.has_bias:
         return kernel
-    bias = leaves[block.param_paths[1]]
-    return jnp.concatenate([kernel, bias[None, :].astype(kernel.dtype)], 0)
+    bias = leaves[block.param_paths[1]].astype(kernel.dtype)
+    bias = bias.reshape(block.num_groups, 1, block.output_dim)
+    return jnp.concatenate([kernel, bias if block.grouped else bias[0]], -2)
 
 
 def block_leaves(
     block: Block, matrix: jax.Array, like: Mapping[ParamPath, jax.Array]
 ) -> dict[ParamPath, jax.Array]:
-    """Split a block matrix back into its leaves, in the dtypes of `like`."""
+    """Split a block matrix back into its leaves, in the shapes and dtypes of
+    `like`."""
     kernel_path = block.param_paths[0]
-    if not block.has_bias:
-        return {kernel_path: matrix.astype(like[kernel_path].dtype)}
-    bias_path = block.param_paths[1]
-    return {
-        kernel_path: matrix[:-1].astype(like[kernel_path].dtype),
-        bias_path: matrix[-1].astype(like[bias_path].dtype),
-    }
+    kernel = matrix[..., : block.input_dim - block.has_bias, :]
+    if block.grouped:
+        kernel = jnp.moveaxis(kernel, 0, 1)  # (K*Cg, G, Og)
+    leaves = {kernel_path: _like(kernel, like[kernel_path])}
+    if block.has_bias:
+        bias_path = block.param_paths[1]
+        leaves[bias_path] = _like(matrix[..., -1, :], like[bias_path])
+    return leaves
+
+
+def _like(value: jax.Array, leaf: jax.Array) -> jax.Array:
+    return value.reshape(leaf.shape).astype(leaf.dtype)
+
+
+def _as_tuple(value) -> tuple:
+    return tuple(value) if isinstance(value, Sequence) else (value,)
 
 
 def path_names(path: Sequence[Any]) -> ParamPath:

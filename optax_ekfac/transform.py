@@ -1,18 +1,32 @@
 """`scale_by_ekfac` and `ekfac`: the EKFAC preconditioner as optax transforms.
 
-Per block, from the input rows `a` and output rows `d` of a batch (`R` rows):
+Per block, from the rows of a batch of `N` examples with `P` positions each
+(input rows `a`, output rows `d`, see `layers.py`):
 
-    A ← EMA  aᵀa / R                 input factor
-    B ← EMA  dᵀd / R                 output factor
-    U_A, U_B = eigh(A), eigh(B)      every `eigen_update_every` updates
-    S ← EMA  mean_r (U_Aᵀ a_r d_rᵀ U_B)²   scalings, restarted at a new basis
+    A ← EMA  mean_{n,p} a aᵀ                 input factor
+    B ← EMA  (1/N) Σ_{n,p} d dᵀ              output factor
+    U_A, U_B = eigh(A), eigh(B)              every `eigen_update_every` updates
+    S ← EMA  mean_n (U_Aᵀ G_n U_B)²           scalings, G_n = Σ_p a dᵀ
     G ↦ U_A [(U_Aᵀ G U_B) / (S + λ)] U_Bᵀ
 
+With one position per example (an MLP) `A ⊗ B` is K-FAC's estimate of the
+Fisher `mean_n vec(G_n) vec(G_n)ᵀ`. With weight sharing (sequences, image
+positions, a module called twice) `A` averages over positions and `B` sums
+over each example's positions: the KFAC-expand convention (Eschenhagen et
+al., 2023), whose `A ⊗ B` is the Fisher when positions are independent;
+`weight_sharing="reduce"` is KFAC-reduce (positions summed per example before
+the outer products). The scalings are the exact second moments of the
+per-example gradients in the eigenbasis (`scalings="exact"`, per-example
+tensors in memory-bounded chunks) or, treating every position as its own
+example, `(1/N) Σ_{n,p} (U_Aᵀa)² (U_Bᵀd)²ᵀ`: two matmuls
+(`scalings="per_position"`, identical when `P = 1`).
+
 The running averages are bias-corrected, so after the first update they hold
-exactly the first batch's estimates. Factors and scalings are refreshed every
-`stats_update_every` updates; both periods are `lax.cond`s on the count, so one
-compiled step serves every step. KFAC is the same path with
-`S = outer(eigvals(A), eigvals(B))`.
+exactly the first batch's estimates; the scalings restart whenever the basis
+changes. Factors and scalings are refreshed every `stats_update_every`
+updates; both periods are `lax.cond`s on the count, so one compiled step
+serves every step. KFAC is the same path with `S = outer(eigvals(A),
+eigvals(B))`.
 
 Parameters no block owns get a diagonal: `g / (v + λ)` with `v` the running
 average of `N g²`, which estimates the per-example second moment from the
@@ -34,10 +48,14 @@ from optax_ekfac.layers import Block, Layers
 class BlockState(NamedTuple):
     """The curvature of one block.
 
+    A grouped convolution stacks its groups on a leading axis of every field.
+
     Attributes:
-        input_factor: `A`, `(input_dim, input_dim)`.
+        input_factor: `A`, `(input_dim, input_dim)`; for an embedding the
+            diagonal of `A`, `(input_dim,)`.
         output_factor: `B`, `(output_dim, output_dim)`.
-        input_eigenbasis: `U_A`, eigenvectors of `A` in its columns.
+        input_eigenbasis: `U_A`, eigenvectors of `A` in its columns; None for
+            an embedding (the identity).
         output_eigenbasis: `U_B`, eigenvectors of `B` in its columns.
         scalings: `S`, `(input_dim, output_dim)`: the curvature along each
             pair of eigenvectors, before damping.
@@ -45,7 +63,7 @@ class BlockState(NamedTuple):
 
     input_factor: jax.Array
     output_factor: jax.Array
-    input_eigenbasis: jax.Array
+    input_eigenbasis: jax.Array | None
     output_eigenbasis: jax.Array
     scalings: jax.Array
 
@@ -78,6 +96,9 @@ def scale_by_ekfac(
     eigen_update_every: int = 10,
     stats_update_every: int = 1,
     eigenvalue_correction: bool = True,
+    scalings: str = "exact",
+    weight_sharing: str = "expand",
+    max_per_example_elements: int = 2**22,
     factor_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Preconditions gradients with EKFAC (George et al., 2018).
@@ -98,6 +119,23 @@ def scale_by_ekfac(
             updates; preconditioning happens at every update.
         eigenvalue_correction: `True` for EKFAC; `False` for KFAC, whose
             scalings are the outer product of the factors' eigenvalues.
+        scalings: for layers with several positions per example (sequences,
+            convolutions, modules called more than once): `"exact"` computes
+            the second moments of the per-example gradients in the eigenbasis
+            (chunks of examples, bounded by `max_per_example_elements`);
+            `"per_position"` treats every position as its own example (two
+            matmuls, no per-example tensor; exact when positions don't
+            interact, cheaper when `input_dim * output_dim` is large).
+            Embeddings always use per-position scalings.
+        weight_sharing: how the factors treat positions. `"expand"` (default)
+            averages `A` over positions and sums `B` over each example's
+            positions: right when each position carries its own loss terms
+            (token losses, per-pixel outputs). `"reduce"` sums the positions
+            of an example before the outer products (mean of `a`, sum of `d`):
+            right when one loss term pools over the positions (a sequence or
+            image classifier), and cheaper. Embeddings always use `"expand"`.
+        max_per_example_elements: the most elements the per-example projected
+            gradients of one chunk may hold, for `scalings="exact"`.
         factor_dtype: dtype of the curvature state; by default each block's
             kernel dtype promoted to at least float32.
 
@@ -112,6 +150,26 @@ def scale_by_ekfac(
         >>> updates, opt_state = tx.update(grads, opt_state, params, stats=stats)
     """
     _check_hyperparameters(damping, decay, eigen_update_every, stats_update_every)
+    for name, value, allowed in (
+        ("scalings", scalings, ("exact", "per_position")),
+        ("weight_sharing", weight_sharing, ("expand", "reduce")),
+    ):
+        if value not in allowed:
+            raise ValueError(
+                f"scale_by_ekfac: {name} must be one of {allowed}, got {value!r}."
+            )
+    if not max_per_example_elements >= 1:
+        raise ValueError(
+            "scale_by_ekfac: max_per_example_elements must be >= 1, got "
+            f"{max_per_example_elements}."
+        )
+    settings = _Settings(
+        decay=decay,
+        eigenvalue_correction=eigenvalue_correction,
+        exact_scalings=scalings == "exact",
+        reduce_positions=weight_sharing == "reduce",
+        max_per_example_elements=max_per_example_elements,
+    )
     if not isinstance(layers, Layers):
         raise TypeError(
             f"scale_by_ekfac: layers must be the Layers from Curvature.layers, "
@@ -126,13 +184,7 @@ def scale_by_ekfac(
         blocks = {}
         for block in layers.blocks:
             dtype = dtype_of(leaves[block.param_paths[0]])
-            blocks[block.name] = BlockState(
-                input_factor=jnp.zeros((block.input_dim,) * 2, dtype),
-                output_factor=jnp.zeros((block.output_dim,) * 2, dtype),
-                input_eigenbasis=jnp.eye(block.input_dim, dtype=dtype),
-                output_eigenbasis=jnp.eye(block.output_dim, dtype=dtype),
-                scalings=jnp.zeros((block.input_dim, block.output_dim), dtype),
-            )
+            blocks[block.name] = _initial_block_state(block, dtype)
         second_moments = {
             "/".join(path): jnp.zeros(leaves[path].shape, dtype_of(leaves[path]))
             for path in layers.fallback
@@ -164,11 +216,10 @@ def scale_by_ekfac(
                     block,
                     blocks[block.name],
                     stats.layers[block.name],
-                    decay,
+                    settings,
                     stats_count,
                     scalings_count,
                     refresh_eigen,
-                    eigenvalue_correction,
                 )
                 for block in layers.blocks
             }
@@ -195,7 +246,12 @@ def scale_by_ekfac(
         for block in layers.blocks:
             block_state = blocks[block.name]
             gradient = layers_lib.block_matrix(block, grads)
-            direction = precondition(block_state, gradient, damping)
+            if block.grouped:
+                direction = jax.vmap(precondition, in_axes=(0, 0, None))(
+                    block_state, gradient, damping
+                )
+            else:
+                direction = precondition(block_state, gradient, damping)
             preconditioned.update(layers_lib.block_leaves(block, direction, grads))
         for key, moment in second_moments.items():
             path = tuple(key.split("/"))
@@ -254,64 +310,196 @@ def ekfac(
 def precondition(
     block_state: BlockState, gradient: jax.Array, damping: float | jax.Array
 ) -> jax.Array:
-    """`U_A [(U_Aᵀ G U_B) / (S + λ)] U_Bᵀ` for one block matrix `G`."""
+    """`U_A [(U_Aᵀ G U_B) / (S + λ)] U_Bᵀ` for one block matrix `G`.
+
+    Args:
+        block_state: the curvature of the block (one group of a grouped one).
+        gradient: `G`, `(input_dim, output_dim)`.
+        damping: `λ`.
+
+    Returns:
+        The preconditioned block matrix, in the state's dtype.
+    """
     input_basis = block_state.input_eigenbasis
     output_basis = block_state.output_eigenbasis
-    projected = input_basis.T @ gradient.astype(input_basis.dtype) @ output_basis
+    projected = gradient.astype(output_basis.dtype) @ output_basis
+    if input_basis is not None:
+        projected = input_basis.T @ projected
     projected = projected / (block_state.scalings + damping)
-    return input_basis @ projected @ output_basis.T
+    if input_basis is not None:
+        projected = input_basis @ projected
+    return projected @ output_basis.T
+
+
+class _Settings(NamedTuple):
+    decay: float
+    eigenvalue_correction: bool
+    exact_scalings: bool
+    reduce_positions: bool
+    max_per_example_elements: int
+
+
+def _initial_block_state(block: Block, dtype: Any) -> BlockState:
+    """Zero factors and scalings, identity eigenbases (replaced at update 1)."""
+    stack = (block.num_groups,) if block.grouped else ()
+
+    def eye(size):
+        return jnp.broadcast_to(jnp.eye(size, dtype=dtype), stack + (size, size))
+
+    input_dim, output_dim = block.input_dim, block.output_dim
+    return BlockState(
+        input_factor=jnp.zeros(
+            stack + ((input_dim,) if block.diagonal_input else (input_dim,) * 2),
+            dtype,
+        ),
+        output_factor=jnp.zeros(stack + (output_dim, output_dim), dtype),
+        input_eigenbasis=None if block.diagonal_input else eye(input_dim),
+        output_eigenbasis=eye(output_dim),
+        scalings=jnp.zeros(stack + (input_dim, output_dim), dtype),
+    )
 
 
 def _refresh_block(
     block: Block,
     block_state: BlockState,
     block_stats,
-    decay: float,
+    settings: _Settings,
     stats_count: jax.Array,
     scalings_count: jax.Array,
     refresh_eigen: jax.Array,
-    eigenvalue_correction: bool,
 ) -> BlockState:
     """New factors, eigenbases (when due) and scalings from one batch."""
-    dtype = block_state.input_factor.dtype
-    input_rows, output_rows = layers_lib.block_rows(block, block_stats, dtype)
-    num_rows = input_rows.shape[0]
-    input_factor = _ema(
-        block_state.input_factor,
-        input_rows.T @ input_rows / num_rows,
-        decay,
-        stats_count,
-    )
-    output_factor = _ema(
-        block_state.output_factor,
-        output_rows.T @ output_rows / num_rows,
-        decay,
-        stats_count,
-    )
+    dtype = block_state.output_factor.dtype
+    input_rows, output_rows = layers_lib.example_rows(block, block_stats, dtype)
 
-    def eigendecompose(_):
-        input_eigenvalues, input_basis = _symmetric_eigh(input_factor)
-        output_eigenvalues, output_basis = _symmetric_eigh(output_factor)
-        kfac_scalings = jnp.outer(input_eigenvalues, output_eigenvalues)
-        return input_basis, output_basis, kfac_scalings
-
-    def keep(_):
-        return (
-            block_state.input_eigenbasis,
-            block_state.output_eigenbasis,
-            block_state.scalings,
+    def refresh_group(block_state, input_rows, output_rows):
+        input_batch, output_batch = _batch_factors(
+            block, input_rows, output_rows, settings
+        )
+        input_factor = _ema(
+            block_state.input_factor, input_batch, settings.decay, stats_count
+        )
+        output_factor = _ema(
+            block_state.output_factor, output_batch, settings.decay, stats_count
         )
 
-    input_basis, output_basis, scalings = jax.lax.cond(
-        refresh_eigen, eigendecompose, keep, None
+        def eigendecompose(_):
+            if block.diagonal_input:
+                input_eigenvalues, input_basis = jnp.maximum(input_factor, 0), None
+            else:
+                input_eigenvalues, input_basis = _symmetric_eigh(input_factor)
+            output_eigenvalues, output_basis = _symmetric_eigh(output_factor)
+            kfac_scalings = jnp.outer(input_eigenvalues, output_eigenvalues)
+            return input_basis, output_basis, kfac_scalings
+
+        def keep(_):
+            return (
+                block_state.input_eigenbasis,
+                block_state.output_eigenbasis,
+                block_state.scalings,
+            )
+
+        input_basis, output_basis, scalings = jax.lax.cond(
+            refresh_eigen, eigendecompose, keep, None
+        )
+        if settings.eigenvalue_correction:
+            batch_scalings = _batch_scalings(
+                block, input_rows, output_rows, input_basis, output_basis, settings
+            )
+            scalings = _ema(scalings, batch_scalings, settings.decay, scalings_count)
+        return BlockState(
+            input_factor, output_factor, input_basis, output_basis, scalings
+        )
+
+    if block.grouped:
+        refresh_group = jax.vmap(refresh_group)
+    return refresh_group(block_state, input_rows, output_rows)
+
+
+def _batch_factors(
+    block: Block, input_rows: jax.Array, output_rows: jax.Array, settings: _Settings
+) -> tuple[jax.Array, jax.Array]:
+    """`A` and `B` of one batch from rows `[N, P, dim]` (embedding: ids `[N, P]`)."""
+    num_examples, num_positions = output_rows.shape[:2]
+    if block.diagonal_input:
+        # One-hot rows: diag(A) counts the tokens.
+        token_counts = jnp.zeros(block.input_dim, output_rows.dtype)
+        token_counts = token_counts.at[input_rows.reshape(-1)].add(1)
+        input_factor = token_counts / (num_examples * num_positions)
+    elif settings.reduce_positions:
+        input_rows = input_rows.mean(1, keepdims=True)
+        output_rows = output_rows.sum(1, keepdims=True)
+        num_positions = 1
+    if not block.diagonal_input:
+        flat_inputs = input_rows.reshape(-1, block.input_dim)
+        input_factor = flat_inputs.T @ flat_inputs / flat_inputs.shape[0]
+    flat_outputs = output_rows.reshape(-1, block.output_dim)
+    output_factor = flat_outputs.T @ flat_outputs / num_examples
+    return input_factor, output_factor
+
+
+def _batch_scalings(
+    block: Block,
+    input_rows: jax.Array,
+    output_rows: jax.Array,
+    input_basis: jax.Array | None,
+    output_basis: jax.Array,
+    settings: _Settings,
+) -> jax.Array:
+    """`mean_n (U_Aᵀ G_n U_B)²` (or its per-position form) of one batch."""
+    num_examples, num_positions = output_rows.shape[:2]
+    projected_outputs = output_rows @ output_basis
+    if block.diagonal_input:
+        # Per position: row `id` of S gathers (U_Bᵀ d)² of that token.
+        squares = jnp.square(projected_outputs).reshape(-1, block.output_dim)
+        scalings = jnp.zeros((block.input_dim, block.output_dim), squares.dtype)
+        return scalings.at[input_rows.reshape(-1)].add(squares) / num_examples
+    projected_inputs = input_rows @ input_basis
+    if num_positions == 1 or not settings.exact_scalings:
+        # Two matmuls: Σ_{n,p} (U_Aᵀa)² (U_Bᵀd)²ᵀ.
+        return (
+            jnp.einsum(
+                "npi,npo->io",
+                jnp.square(projected_inputs),
+                jnp.square(projected_outputs),
+            )
+            / num_examples
+        )
+    return (
+        _sum_of_squared_per_example_gradients(
+            projected_inputs, projected_outputs, settings.max_per_example_elements
+        )
+        / num_examples
     )
-    if eigenvalue_correction:
-        # Per-row scalings, two matmuls: mean_r (U_Aᵀa_r)² (U_Bᵀd_r)²ᵀ.
-        projected_inputs = jnp.square(input_rows @ input_basis)
-        projected_outputs = jnp.square(output_rows @ output_basis)
-        batch_scalings = projected_inputs.T @ projected_outputs / num_rows
-        scalings = _ema(scalings, batch_scalings, decay, scalings_count)
-    return BlockState(input_factor, output_factor, input_basis, output_basis, scalings)
+
+
+def _sum_of_squared_per_example_gradients(
+    inputs: jax.Array, outputs: jax.Array, max_elements: int
+) -> jax.Array:
+    """`Σ_n (Σ_p a_{n,p} d_{n,p}ᵀ)²` in chunks of at most `max_elements`."""
+    num_examples, num_positions, input_dim = inputs.shape
+    output_dim = outputs.shape[-1]
+    chunk = max(1, min(num_examples, max_elements // (input_dim * output_dim)))
+
+    def chunk_sum(inputs, outputs):
+        per_example = jnp.einsum("npi,npo->nio", inputs, outputs)
+        return jnp.square(per_example).sum(0)
+
+    if chunk == num_examples:
+        return chunk_sum(inputs, outputs)
+    num_chunks = -(-num_examples // chunk)
+    padding = [(0, num_chunks * chunk - num_examples), (0, 0), (0, 0)]
+
+    def chunked(rows):
+        rows = jnp.pad(rows, padding)  # zero examples add nothing
+        return rows.reshape((num_chunks, chunk) + rows.shape[1:])
+
+    def add_chunk(total, rows):
+        return total + chunk_sum(*rows), None
+
+    initial = jnp.zeros((input_dim, output_dim), inputs.dtype)
+    total, _ = jax.lax.scan(add_chunk, initial, (chunked(inputs), chunked(outputs)))
+    return total
 
 
 def _symmetric_eigh(factor: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -379,20 +567,8 @@ def _check_stats(layers: Layers, stats: Any) -> None:
                 f"scale_by_ekfac: {block.name} was called {len(calls)} times in "
                 f"the stats, {block.num_calls} in the layers."
             )
-        input_dim = block.input_dim - block.has_bias
         for call in calls:
-            if (
-                call.inputs.shape[-1] != input_dim
-                or call.output_grads.shape[-1] != block.output_dim
-                or call.inputs.shape[:-1] != call.output_grads.shape[:-1]
-            ):
-                raise ValueError(
-                    f"scale_by_ekfac: stats for {block.name} have inputs "
-                    f"{call.inputs.shape} and output gradients "
-                    f"{call.output_grads.shape}; the layer needs [..., {input_dim}] "
-                    f"and [..., {block.output_dim}]. Were they captured from "
-                    "another model?"
-                )
+            layers_lib.check_call(block, call)
 
 
 def _check_hyperparameters(damping, decay, eigen_update_every, stats_update_every):
