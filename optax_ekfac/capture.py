@@ -22,7 +22,10 @@ import jax.numpy as jnp
 import optax
 
 from optax_ekfac import layers as layers_lib
+from optax_ekfac import losses as losses_lib
 from optax_ekfac.layers import Block, Layers, LayerStats
+
+FISHER_TYPES = ("empirical", "mc")
 
 
 class Statistics(NamedTuple):
@@ -45,9 +48,8 @@ class _Call:
     name: str
     module_path: tuple[str, ...]
     kind: str
-    params: tuple[tuple[str, tuple[int, ...]], ...]
-    input_dim: int
-    output_dim: int
+    method: str
+    shape: layers_lib.CallShape
     outputs: jax.ShapeDtypeStruct
 
 
@@ -81,7 +83,7 @@ class _Interceptor:
                 )
             outputs = outputs + self.perturbations[index]
         shape = jax.ShapeDtypeStruct
-        params, input_dim, output_dim = layers_lib.describe_call(
+        call_shape = layers_lib.describe_call(
             kind,
             context.module,
             shape(inputs.shape, inputs.dtype),
@@ -92,9 +94,8 @@ class _Interceptor:
                 name=name,
                 module_path=tuple(context.module.path),
                 kind=kind,
-                params=params,
-                input_dim=input_dim,
-                output_dim=output_dim,
+                method=context.method_name,
+                shape=call_shape,
                 outputs=shape(outputs.shape, outputs.dtype),
             )
         )
@@ -111,6 +112,18 @@ class Curvature:
             `optax_ekfac.softmax_cross_entropy`. It must apply a `flax.linen`
             model with `params` as its `"params"` collection.
         has_aux: `loss_fn` returns `(losses, aux)`; `aux` is passed through.
+        fisher_type: which Fisher the statistics estimate. `"empirical"`: the
+            output gradients of the data's labels. `"mc"`: the true Fisher,
+            from labels sampled from the model's predictive distribution; the
+            losses must come from this library's helpers
+            (`softmax_cross_entropy`, `squared_error`,
+            `sigmoid_binary_cross_entropy`), which say what to sample, and
+            `value_grad_and_stats` needs a `key`. Every helper call inside
+            `loss_fn` is a term of the sampled loss (weights or masks applied
+            to the returned losses are not). The loss and gradients returned
+            are the data's in both cases.
+        num_samples: `S`, label samples per loss term for `"mc"`; the
+            statistics hold them as `S * N` examples.
 
     Example:
         >>> def loss_fn(params, x, y):
@@ -119,11 +132,37 @@ class Curvature:
         >>> curvature = optax_ekfac.Curvature(loss_fn)
         >>> layers = curvature.layers(params, x, y)
         >>> loss, grads, stats = curvature.value_grad_and_stats(params, x, y)
+        >>> sampled = optax_ekfac.Curvature(loss_fn, fisher_type="mc")
+        >>> loss, grads, stats = sampled.value_grad_and_stats(
+        ...     params, x, y, key=jax.random.key(0))
     """
 
-    def __init__(self, loss_fn: Callable[..., Any], *, has_aux: bool = False):
+    def __init__(
+        self,
+        loss_fn: Callable[..., Any],
+        *,
+        has_aux: bool = False,
+        fisher_type: str = "empirical",
+        num_samples: int = 1,
+    ):
+        if fisher_type not in FISHER_TYPES:
+            raise ValueError(
+                f"Curvature: fisher_type must be one of {FISHER_TYPES}, got "
+                f"{fisher_type!r}."
+            )
+        if not (isinstance(num_samples, int) and num_samples >= 1):
+            raise ValueError(
+                f"Curvature: num_samples must be an integer >= 1, got {num_samples}."
+            )
+        if fisher_type == "empirical" and num_samples != 1:
+            raise ValueError(
+                "Curvature: num_samples applies to fisher_type='mc' only; the "
+                "empirical Fisher uses the data's labels once."
+            )
         self.loss_fn = loss_fn
         self.has_aux = has_aux
+        self.fisher_type = fisher_type
+        self.num_samples = num_samples
 
     def _losses(self, params, batch, interceptor):
         with nn.intercept_methods(interceptor):
@@ -176,32 +215,49 @@ class Curvature:
         Args:
             params: the model's `"params"` collection.
             *batch: the arguments `loss_fn` takes after `params`.
-            key: reserved for sampled (Monte-Carlo) Fisher statistics; unused
-                by the empirical Fisher.
+            key: a `jax.random` key for `fisher_type="mc"` (required there;
+                use a fresh one every step); unused by the empirical Fisher.
 
         Returns:
             `(loss, grads, stats)`: `loss = mean(l)` (`(loss, aux)` with
             `has_aux`), `grads` its gradient with respect to `params`, and
-            the `Statistics` that `scale_by_ekfac` takes as `stats=`.
+            the `Statistics` that `scale_by_ekfac` takes as `stats=`. With
+            `"mc"` and `S = num_samples`, every call's `inputs` are tiled `S`
+            times along axis 0 and its `output_grads` are those of the sampled
+            labels, `[S * N, ...]` (sample-major); `num_terms` stays `N`.
         """
-        del key
+        if self.fisher_type == "mc" and key is None:
+            raise ValueError(
+                "Curvature(fisher_type='mc') samples labels: pass a jax.random "
+                "key, value_grad_and_stats(params, *batch, key=key), a fresh "
+                "one every step."
+            )
         calls, num_terms = self._trace_calls(params, batch)
         perturbations = tuple(
             jnp.zeros(call.outputs.shape, call.outputs.dtype) for call in calls
         )
+        if self.fisher_type == "mc":
+            loss, aux, grads, inputs, all_output_grads = self._sampled_pass(
+                params, batch, perturbations, key
+            )
+        else:
 
-        def mean_loss(params, perturbations):
-            interceptor = _Interceptor(perturbations)
-            losses, aux = self._losses(params, batch, interceptor)
-            return jnp.mean(losses), (tuple(interceptor.inputs), aux)
+            def mean_loss(params, perturbations):
+                interceptor = _Interceptor(perturbations)
+                losses, aux = self._losses(params, batch, interceptor)
+                return jnp.mean(losses), (tuple(interceptor.inputs), aux)
 
-        (loss, (inputs, aux)), (grads, cotangents) = jax.value_and_grad(
-            mean_loss, argnums=(0, 1), has_aux=True
-        )(params, perturbations)
+            (loss, (inputs, aux)), (grads, cotangents) = jax.value_and_grad(
+                mean_loss, argnums=(0, 1), has_aux=True
+            )(params, perturbations)
+            # d(mean l)/dy_n is (1/N) dl_n/dy_n.
+            all_output_grads = tuple(
+                cotangent * jnp.asarray(num_terms, cotangent.dtype)
+                for cotangent in cotangents
+            )
 
         per_block: dict[str, list[LayerStats]] = {}
-        for call, call_inputs, cotangent in zip(calls, inputs, cotangents):
-            output_grads = cotangent * jnp.asarray(num_terms, cotangent.dtype)
+        for call, call_inputs, output_grads in zip(calls, inputs, all_output_grads):
             per_block.setdefault(call.name, []).append(
                 LayerStats(call_inputs, output_grads)
             )
@@ -210,6 +266,54 @@ class Curvature:
             num_terms=num_terms,
         )
         return ((loss, aux) if self.has_aux else loss), grads, stats
+
+    def _sampled_pass(self, params, batch, perturbations, key):
+        """One forward, two backward passes: the data's gradient, and the
+        per-example output gradients of `S` sampled labels.
+
+        Returns:
+            `(loss, aux, grads, inputs, output_grads)`, `inputs` tiled and
+            `output_grads` stacked to `S * N` examples per call.
+        """
+        num_samples = self.num_samples
+
+        def losses_and_sampled(params, perturbations):
+            interceptor = _Interceptor(perturbations)
+            with losses_lib.sampling(key, num_samples) as sampled:
+                losses, aux = self._losses(params, batch, interceptor)
+            if not sampled.losses:
+                raise ValueError(
+                    "Curvature(fisher_type='mc'): loss_fn called none of the "
+                    "loss helpers that say which distribution to sample labels "
+                    "from (optax_ekfac.softmax_cross_entropy, squared_error, "
+                    "sigmoid_binary_cross_entropy). Compute the losses with "
+                    "them, or use fisher_type='empirical'."
+                )
+            # Sample s's objective sums every helper's sampled losses: its
+            # cotangent of 1 gives each example its own dl̃_n/dy_n.
+            sampled_sums = sum(
+                losses.reshape(num_samples, -1).sum(1) for losses in sampled.losses
+            )
+            return (losses, sampled_sums), (tuple(interceptor.inputs), aux)
+
+        (losses, sampled_sums), backward, (inputs, aux) = jax.vjp(
+            losses_and_sampled, params, perturbations, has_aux=True
+        )
+        mean_cotangent = jnp.full(losses.shape, 1 / losses.size, losses.dtype)
+        grads, _ = backward((mean_cotangent, jnp.zeros_like(sampled_sums)))
+
+        def sampled_output_grads(sample_indicator):
+            return backward((jnp.zeros_like(losses), sample_indicator))[1]
+
+        # Their parameter cotangents are unused: jit removes them.
+        stacked = jax.vmap(sampled_output_grads)(
+            jnp.eye(num_samples, dtype=sampled_sums.dtype)
+        )
+        output_grads = tuple(g.reshape((-1,) + g.shape[2:]) for g in stacked)
+        inputs = tuple(
+            jnp.tile(x, (num_samples,) + (1,) * (x.ndim - 1)) for x in inputs
+        )
+        return jnp.mean(losses), aux, grads, inputs, output_grads
 
 
 def _layers_from_calls(calls: list[_Call], params: optax.Params) -> Layers:
@@ -220,36 +324,54 @@ def _layers_from_calls(calls: list[_Call], params: optax.Params) -> Layers:
         calls_by_name.setdefault(call.name, []).append(call)
     blocks = []
     for name, block_calls in calls_by_name.items():
-        first = block_calls[0]
+        first = block_calls[0].shape
         for call in block_calls[1:]:
-            if (call.input_dim, call.output_dim) != (first.input_dim, first.output_dim):
-                raise ValueError(f"{name}: calls disagree on the block's shape.")
-        param_paths = tuple(first.module_path + (p,) for p, _ in first.params)
+            if call.shape != first:
+                raise ValueError(
+                    f"{name}: its calls imply different blocks ({first} and "
+                    f"{call.shape}); a module called several times must see "
+                    "inputs of the same feature shape."
+                )
+        module_path = block_calls[0].module_path
+        param_paths = tuple(module_path + (p,) for p, _ in first.params)
         for path, (_, shape) in zip(param_paths, first.params):
-            if path not in leaves:
-                raise ValueError(
-                    f"{name}: its parameter {'/'.join(path)} is not in params. "
-                    "loss_fn must apply the model with the params it is given as "
-                    "its 'params' collection, e.g. model.apply({'params': params}"
-                    ", x); modules inside lifted transforms (nn.scan, nn.vmap) "
-                    "are not supported yet."
-                )
-            if leaves[path].shape != shape:
-                raise ValueError(
-                    f"{name}: params hold {'/'.join(path)} of shape "
-                    f"{leaves[path].shape}, the layer's calls need {shape}; are "
-                    "these the params loss_fn applies?"
-                )
+            _check_param(name, path, shape, leaves)
         blocks.append(
             Block(
                 name=name,
-                kind=first.kind,
+                kind=block_calls[0].kind,
                 param_paths=param_paths,
                 input_dim=first.input_dim,
                 output_dim=first.output_dim,
                 num_calls=len(block_calls),
+                num_groups=first.num_groups,
+                config=first.config,
+                call_methods=tuple(call.method for call in block_calls),
             )
         )
     owned = {path for block in blocks for path in block.param_paths}
     fallback = tuple(path for path in leaves if path not in owned)
     return Layers(blocks=tuple(blocks), fallback=fallback)
+
+
+def _check_param(name: str, path, shape, leaves) -> None:
+    """Raises unless `params` holds the parameter a call needs, as it needs it."""
+    if path not in leaves:
+        raise ValueError(
+            f"{name}: its parameter {'/'.join(path)} is not in params. loss_fn "
+            "must apply the model with the params it is given as its 'params' "
+            "collection, e.g. model.apply({'params': params}, x)."
+        )
+    held = leaves[path].shape
+    if held[1:] == tuple(shape):
+        raise ValueError(
+            f"{name}: params hold {'/'.join(path)} with a leading stacked axis "
+            f"{held} (nn.scan / nn.vmap over layers), which the capture does not "
+            "support yet: unroll the layers (a Python loop over modules) or keep "
+            "this module out of the lifted transform."
+        )
+    if held != tuple(shape):
+        raise ValueError(
+            f"{name}: params hold {'/'.join(path)} of shape {held}, the layer's "
+            f"calls need {tuple(shape)}; are these the params loss_fn applies?"
+        )

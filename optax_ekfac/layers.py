@@ -13,11 +13,16 @@ kernel, with a trailing 1 when there is a bias) and *output rows* `d`
 | DenseGeneral | the contracted input axes, flattened    | the feature axes         |
 | Conv         | image patches (KFC, Grosse & Martens)   | each output position     |
 | Embed        | one-hot token ids (kept as ids)         | each token's output      |
+| Embed.attend | output gradients over the vocabulary    | the query                |
 
 A grouped convolution (`feature_group_count = G`) is `G` independent blocks
 of the same shape, stacked on a leading group axis of its rows, its block
 matrix and its optimizer state. An embedding's input rows are one-hot, so its
-input factor is diagonal (token frequencies) and is kept as a vector.
+input factor is diagonal (token frequencies) and is kept as a vector. A tied
+output projection (`Embed.attend`, `y = q Eᵀ`) is one more call of the same
+block with the roles of its sides swapped: its gradient `dᵀ q` puts the output
+gradients on the vocabulary side and the query on the feature side; the
+vocabulary side stays diagonal (the squares of those output gradients).
 
 This module knows, per kind, how to recognise a call, how to turn the captured
 arrays into rows, and how to move between parameter leaves and the block
@@ -72,6 +77,8 @@ class Block:
         num_groups: independent blocks stacked on a leading axis (the
             `feature_group_count` of a convolution; 1 otherwise).
         config: static settings of the kind (convolution geometry, ...).
+        call_methods: the module method of each call (`"__call__"`, or
+            `"attend"` for a tied embedding's output projection).
     """
 
     name: str
@@ -82,6 +89,7 @@ class Block:
     num_calls: int = 1
     num_groups: int = 1
     config: tuple = ()
+    call_methods: tuple[str, ...] = ()
 
     @property
     def has_bias(self) -> bool:
@@ -168,7 +176,7 @@ def kind_of(module: nn.Module, method_name: str) -> str | None:
     `batch_dims`) are not captured: their parameters fall back to the diagonal.
     """
     if isinstance(module, nn.Embed):
-        return "Embed" if method_name == "__call__" else None
+        return "Embed" if method_name in ("__call__", "attend") else None
     if method_name != "__call__":
         return None
     if isinstance(module, nn.Dense):
@@ -257,7 +265,14 @@ def _describe_conv(name, module, inputs, outputs) -> CallShape:
 
 
 def _describe_embed(name, module, inputs, outputs) -> CallShape:
-    if inputs.ndim < 1 or not jnp.issubdtype(inputs.dtype, jnp.integer):
+    if inputs.shape[-1:] == (module.features,) and outputs.shape[-1:] == (
+        module.num_embeddings,
+    ):  # attend: queries in, logits over the vocabulary out
+        if inputs.ndim < 2:
+            raise ValueError(
+                f"{name}: Embed.attend needs a leading batch axis; got {inputs.shape}."
+            )
+    elif inputs.ndim < 1 or not jnp.issubdtype(inputs.dtype, jnp.integer):
         raise ValueError(
             f"{name}: Embed needs integer token ids with a leading batch axis; "
             f"got {inputs.dtype}{list(inputs.shape)}."
@@ -323,19 +338,83 @@ def example_rows(
     concatenated along the positions axis: the per-example block gradient is
     `G_n = Σ_p a_{n,p} d_{n,p}ᵀ`.
     """
+    if block.diagonal_input:
+        return _lookup_rows(block, stats, dtype)
     inputs = [input_rows(block, call.inputs, dtype) for call in stats]
     outputs = [output_rows(block, call.output_grads, dtype) for call in stats]
-    positions_axis = -1 if block.diagonal_input else -2  # token ids: [N, P]
+    return jnp.concatenate(inputs, -2), jnp.concatenate(outputs, -2)
+
+
+def _lookup_rows(block: Block, stats: Sequence[LayerStats], dtype: Any):
+    """An embedding's lookups: token ids `[N, P]` and output rows `[N, P, F]`."""
+    lookups = [
+        call for call, method in zip(stats, _methods(block)) if method == "__call__"
+    ]
+    num_examples = stats[0].inputs.shape[0]
+    ids = [call.inputs.reshape(num_examples, -1) for call in lookups]
+    outputs = [output_rows(block, call.output_grads, dtype) for call in lookups]
+    if not lookups:
+        empty = jnp.zeros((num_examples, 0), jnp.int32)
+        return empty, jnp.zeros((num_examples, 0, block.output_dim), dtype)
+    return jnp.concatenate(ids, 1), jnp.concatenate(outputs, 1)
+
+
+def attend_rows(
+    block: Block, stats: Sequence[LayerStats], dtype: Any
+) -> tuple[jax.Array, jax.Array] | None:
+    """A tied embedding's `attend` calls as rows, or None if it has none.
+
+    Returns:
+        `(vocabulary_rows [N, P, V], feature_rows [N, P, F])`: the output
+        gradients of the logits and the queries, so that the per-example
+        gradient of the embedding is `Σ_p vocabulary_row feature_rowᵀ`.
+    """
+    attends = [
+        call for call, method in zip(stats, _methods(block)) if method == "attend"
+    ]
+    if not attends:
+        return None
+    num_examples = attends[0].inputs.shape[0]
+
+    def rows(array, width):
+        return array.reshape(num_examples, -1, width).astype(dtype)
+
     return (
-        jnp.concatenate(inputs, positions_axis),
-        jnp.concatenate(outputs, -2),
+        jnp.concatenate([rows(c.output_grads, block.input_dim) for c in attends], 1),
+        jnp.concatenate([rows(c.inputs, block.output_dim) for c in attends], 1),
     )
 
 
-def check_call(block: Block, call: LayerStats) -> None:
+def per_example_block_gradients(
+    block: Block, stats: Sequence[LayerStats], dtype: Any
+) -> jax.Array:
+    """`G_n = Σ_p a_{n,p} d_{n,p}ᵀ`: `[N, input_dim, output_dim]` (grouped:
+    `[N, G, input_dim, output_dim]`). Materialises one-hot token rows, so it is
+    meant for inspection of small models, not for the training step."""
+    inputs, outputs = example_rows(block, stats, dtype)
+    if block.diagonal_input:
+        inputs = jax.nn.one_hot(inputs, block.input_dim, dtype=dtype)
+    gradients = jnp.einsum("...npi,...npo->n...io", inputs, outputs)
+    attends = attend_rows(block, stats, dtype) if block.diagonal_input else None
+    if attends is not None:
+        gradients = gradients + jnp.einsum("npv,npf->nvf", *attends)
+    return gradients
+
+
+def _methods(block: Block) -> tuple[str, ...]:
+    return block.call_methods or ("__call__",) * block.num_calls
+
+
+def check_call(block: Block, call: LayerStats, method: str = "__call__") -> None:
     """Raises if one call's statistics do not fit the block."""
     inputs, outputs = call.inputs.shape, call.output_grads.shape
-    if block.kind == "Embed":
+    if block.kind == "Embed" and method == "attend":
+        expected_inputs = block.output_dim
+        fits_inputs = inputs[-1:] == (block.output_dim,) and (
+            outputs[-1:] == (block.input_dim,)
+        )
+        outputs = outputs[:-1] + (block.output_dim,)  # checked above
+    elif block.kind == "Embed":
         expected_inputs = None
         fits_inputs = inputs == outputs[:-1]
     elif block.kind == "DenseGeneral":

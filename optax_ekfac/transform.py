@@ -371,10 +371,15 @@ def _refresh_block(
     """New factors, eigenbases (when due) and scalings from one batch."""
     dtype = block_state.output_factor.dtype
     input_rows, output_rows = layers_lib.example_rows(block, block_stats, dtype)
+    attend_rows = (
+        layers_lib.attend_rows(block, block_stats, dtype)
+        if block.diagonal_input
+        else None
+    )
 
     def refresh_group(block_state, input_rows, output_rows):
         input_batch, output_batch = _batch_factors(
-            block, input_rows, output_rows, settings
+            block, input_rows, output_rows, attend_rows, settings
         )
         input_factor = _ema(
             block_state.input_factor, input_batch, settings.decay, stats_count
@@ -404,7 +409,13 @@ def _refresh_block(
         )
         if settings.eigenvalue_correction:
             batch_scalings = _batch_scalings(
-                block, input_rows, output_rows, input_basis, output_basis, settings
+                block,
+                input_rows,
+                output_rows,
+                attend_rows,
+                input_basis,
+                output_basis,
+                settings,
             )
             scalings = _ema(scalings, batch_scalings, settings.decay, scalings_count)
         return BlockState(
@@ -417,22 +428,35 @@ def _refresh_block(
 
 
 def _batch_factors(
-    block: Block, input_rows: jax.Array, output_rows: jax.Array, settings: _Settings
+    block: Block,
+    input_rows: jax.Array,
+    output_rows: jax.Array,
+    attend_rows: tuple[jax.Array, jax.Array] | None,
+    settings: _Settings,
 ) -> tuple[jax.Array, jax.Array]:
-    """`A` and `B` of one batch from rows `[N, P, dim]` (embedding: ids `[N, P]`)."""
+    """`A` and `B` of one batch from rows `[N, P, dim]` (embedding: ids `[N, P]`
+    and the rows of its `attend` calls)."""
     num_examples, num_positions = output_rows.shape[:2]
     if block.diagonal_input:
-        # One-hot rows: diag(A) counts the tokens.
-        token_counts = jnp.zeros(block.input_dim, output_rows.dtype)
-        token_counts = token_counts.at[input_rows.reshape(-1)].add(1)
-        input_factor = token_counts / (num_examples * num_positions)
-    elif settings.reduce_positions:
+        # One-hot rows: diag(A) counts the tokens; attend rows add their squares.
+        input_factor = jnp.zeros(block.input_dim, output_rows.dtype)
+        input_factor = input_factor.at[input_rows.reshape(-1)].add(1)
+        output_factor = jnp.einsum("npi,npj->ij", output_rows, output_rows)
+        if attend_rows is not None:
+            vocabulary_rows, feature_rows = attend_rows
+            num_positions += vocabulary_rows.shape[1]
+            input_factor += jnp.square(vocabulary_rows).sum((0, 1))
+            output_factor += jnp.einsum("npi,npj->ij", feature_rows, feature_rows)
+        return (
+            input_factor / (num_examples * num_positions),
+            output_factor / num_examples,
+        )
+    if settings.reduce_positions:
         input_rows = input_rows.mean(1, keepdims=True)
         output_rows = output_rows.sum(1, keepdims=True)
         num_positions = 1
-    if not block.diagonal_input:
-        flat_inputs = input_rows.reshape(-1, block.input_dim)
-        input_factor = flat_inputs.T @ flat_inputs / flat_inputs.shape[0]
+    flat_inputs = input_rows.reshape(-1, block.input_dim)
+    input_factor = flat_inputs.T @ flat_inputs / flat_inputs.shape[0]
     flat_outputs = output_rows.reshape(-1, block.output_dim)
     output_factor = flat_outputs.T @ flat_outputs / num_examples
     return input_factor, output_factor
@@ -442,6 +466,7 @@ def _batch_scalings(
     block: Block,
     input_rows: jax.Array,
     output_rows: jax.Array,
+    attend_rows: tuple[jax.Array, jax.Array] | None,
     input_basis: jax.Array | None,
     output_basis: jax.Array,
     settings: _Settings,
@@ -453,7 +478,15 @@ def _batch_scalings(
         # Per position: row `id` of S gathers (U_Bᵀ d)² of that token.
         squares = jnp.square(projected_outputs).reshape(-1, block.output_dim)
         scalings = jnp.zeros((block.input_dim, block.output_dim), squares.dtype)
-        return scalings.at[input_rows.reshape(-1)].add(squares) / num_examples
+        scalings = scalings.at[input_rows.reshape(-1)].add(squares)
+        if attend_rows is not None:
+            vocabulary_rows, feature_rows = attend_rows
+            scalings += jnp.einsum(
+                "npv,npf->vf",
+                jnp.square(vocabulary_rows),
+                jnp.square(feature_rows @ output_basis),
+            )
+        return scalings / num_examples
     projected_inputs = input_rows @ input_basis
     if num_positions == 1 or not settings.exact_scalings:
         # Two matmuls: Σ_{n,p} (U_Aᵀa)² (U_Bᵀd)²ᵀ.
@@ -567,8 +600,9 @@ def _check_stats(layers: Layers, stats: Any) -> None:
                 f"scale_by_ekfac: {block.name} was called {len(calls)} times in "
                 f"the stats, {block.num_calls} in the layers."
             )
-        for call in calls:
-            layers_lib.check_call(block, call)
+        methods = block.call_methods or ("__call__",) * block.num_calls
+        for call, method in zip(calls, methods):
+            layers_lib.check_call(block, call, method)
 
 
 def _check_hyperparameters(damping, decay, eigen_update_every, stats_update_every):

@@ -45,6 +45,16 @@ class TokenModel(nn.Module):
         return nn.Dense(5, name="head", **F64)(jnp.tanh(hidden))
 
 
+class TiedModel(nn.Module):
+    """A tied embedding: lookups in, `attend` as the output projection."""
+
+    @nn.compact
+    def __call__(self, tokens):
+        embed = nn.Embed(7, 4, name="embed", **F64)
+        hidden = jnp.tanh(nn.Dense(4, name="mix", **F64)(embed(tokens)))
+        return embed.attend(hidden)
+
+
 CONVS = {
     "2d_same_strided_grouped": dict(
         features=6, kernel_size=(3, 3), strides=2, padding="SAME", feature_group_count=2
@@ -83,7 +93,7 @@ def _problem(name, num_examples=5):
         x = jax.random.normal(key_x, (num_examples, 3, 4), jnp.float64)
         y = jax.random.randint(key_y, (num_examples,), 0, 3)
     else:
-        model = TokenModel()
+        model = TokenModel() if name == "embed" else TiedModel()
         # Few tokens, so that some repeat within an example.
         x = jax.random.randint(key_x, (num_examples, 4), 0, 3)
         y = jax.random.randint(key_y, (num_examples, 4), 0, 5)
@@ -95,7 +105,7 @@ def _problem(name, num_examples=5):
     return model, params, (x, y), loss_fn
 
 
-PROBLEMS = [f"conv:{name}" for name in CONVS] + ["attention", "embed"]
+PROBLEMS = [f"conv:{name}" for name in CONVS] + ["attention", "embed", "tied"]
 
 
 def _per_example_grads(loss_fn, params, batch):
@@ -114,12 +124,9 @@ def _per_example_blocks(block, per_example_grads):
 
 def _row_gradients(block, stats):
     """G_n = Σ_p a dᵀ from the captured rows (one-hot for token ids)."""
-    inputs, outputs = layers_lib.example_rows(
+    return layers_lib.per_example_block_gradients(
         block, stats.layers[block.name], jnp.float64
     )
-    if block.diagonal_input:
-        inputs = jax.nn.one_hot(inputs, block.input_dim, dtype=jnp.float64)
-    return jnp.einsum("...npi,...npo->n...io", inputs, outputs)
 
 
 DAMPING = 1e-2
@@ -168,7 +175,12 @@ def problem(request):
 
 def test_rows_reproduce_per_example_gradients(problem):
     kinds = {block.kind for block in problem["layers"].blocks}
-    expected = {"conv": {"Conv"}, "attention": {"DenseGeneral"}, "embed": {"Embed"}}
+    expected = {
+        "conv": {"Conv"},
+        "attention": {"DenseGeneral"},
+        "embed": {"Embed"},
+        "tied": {"Embed"},
+    }
     assert expected[problem["name"].split(":")[0]] <= kinds
     assert not problem["layers"].fallback
     for block in problem["layers"].blocks:
@@ -282,14 +294,24 @@ def test_exact_scalings_and_update_equal_the_reference(problem):
             )
 
 
+def _dense_rows(block, stats):
+    """All rows of a block as dense arrays: token ids as one-hot rows, and a
+    tied embedding's attend calls appended as more positions."""
+    inputs, outputs = layers_lib.example_rows(block, stats, jnp.float64)
+    if not block.diagonal_input:
+        return inputs, outputs
+    inputs = jax.nn.one_hot(inputs, block.input_dim, dtype=jnp.float64)
+    attends = layers_lib.attend_rows(block, stats, jnp.float64)
+    if attends is not None:
+        inputs = jnp.concatenate([inputs, attends[0]], 1)
+        outputs = jnp.concatenate([outputs, attends[1]], 1)
+    return inputs, outputs
+
+
 def test_factors_follow_the_expand_convention(problem):
     state = problem["updates"]["exact"][1]
     for block in problem["layers"].blocks:
-        inputs, outputs = layers_lib.example_rows(
-            block, problem["stats"].layers[block.name], jnp.float64
-        )
-        if block.diagonal_input:
-            inputs = jax.nn.one_hot(inputs, block.input_dim, dtype=jnp.float64)
+        inputs, outputs = _dense_rows(block, problem["stats"].layers[block.name])
         num_examples, num_positions = outputs.shape[-3:-1]
         input_factor = jnp.einsum("...npi,...npj->...ij", inputs, inputs) / (
             num_examples * num_positions
@@ -333,20 +355,23 @@ def test_chunking_changes_nothing_but_memory(problem):
     )
 
 
-def test_embed_per_position_scalings_equal_the_reference():
-    _, params, batch, loss_fn = _problem("embed")
+@pytest.mark.parametrize("name", ["embed", "tied"])
+def test_embed_per_position_scalings_equal_the_reference(name):
+    _, params, batch, loss_fn = _problem(name)
     curvature = oek.Curvature(loss_fn)
     layers = curvature.layers(params, *batch)
     _, grads, stats = curvature.value_grad_and_stats(params, *batch)
-    state = oek.scale_by_ekfac(layers).update(
-        grads, oek.scale_by_ekfac(layers).init(params), params, stats=stats
-    )[1]
-    (call,) = stats.layers["embed"]
+    tx = oek.scale_by_ekfac(layers)
+    state = tx.update(grads, tx.init(params), params, stats=stats)[1]
+    block = next(b for b in layers.blocks if b.name == "embed")
+    assert block.call_methods == (
+        ("__call__", "attend") if name == "tied" else ("__call__",)
+    )
+    inputs, outputs = _dense_rows(block, stats.layers["embed"])
     block_state = state.blocks["embed"]
-    projected = call.output_grads @ block_state.output_eigenbasis  # [N, T, F]
-    one_hot = jax.nn.one_hot(call.inputs, 7, dtype=jnp.float64)  # [N, T, V]
-    # Each position its own example: Σ_{n,t} onehot² ⊗ (U_Bᵀ d)², over N.
-    expected = jnp.einsum("ntv,ntf->vf", one_hot, projected**2) / len(call.inputs)
+    projected = outputs @ block_state.output_eigenbasis  # [N, P, F]
+    # Each position its own example: Σ_{n,p} a² ⊗ (U_Bᵀ d)², over N.
+    expected = jnp.einsum("npv,npf->vf", inputs**2, projected**2) / len(inputs)
     chex.assert_trees_all_close(block_state.scalings, expected, atol=1e-12)
 
 
