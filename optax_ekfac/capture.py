@@ -20,10 +20,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from flax.core import tracers
 
 from optax_ekfac import layers as layers_lib
 from optax_ekfac import losses as losses_lib
-from optax_ekfac.layers import Block, Layers, LayerStats
+from optax_ekfac.layers import SUPPORTED, Block, Layers, LayerStats
 
 FISHER_TYPES = ("empirical", "mc")
 
@@ -63,15 +64,26 @@ class _Interceptor:
         self.perturbations = perturbations
         self.calls: list[_Call] = []
         self.inputs: list[jax.Array] = []
+        # The JAX trace loss_fn runs in; a call under another one (nn.remat,
+        # nn.scan, jax.checkpoint inside loss_fn) can't hand its input out.
+        self.loss_trace = None
 
     def __call__(self, next_fun, args, kwargs, context):
         kind = layers_lib.kind_of(context.module, context.method_name)
         if kind is None:
             return next_fun(*args, **kwargs)
+        name = layers_lib.block_name(context.module.path)
+        if tracers.current_trace() != self.loss_trace:
+            raise ValueError(
+                f"{name}: this {kind} layer runs inside a JAX transformation "
+                "within loss_fn (nn.remat, nn.scan, nn.vmap, jax.checkpoint, "
+                "...), where the capture cannot record its input. Not supported "
+                "yet: apply that transformation to modules without captured "
+                f"layers, or leave it out when training with EKFAC ({SUPPORTED})."
+            )
         inputs = args[0] if args else next(iter(kwargs.values()))
         outputs = next_fun(*args, **kwargs)
         index = len(self.calls)
-        name = layers_lib.block_name(context.module.path)
         if self.perturbations is not None:
             if index >= len(self.perturbations) or (
                 outputs.shape != self.perturbations[index].shape
@@ -165,6 +177,7 @@ class Curvature:
         self.num_samples = num_samples
 
     def _losses(self, params, batch, interceptor):
+        interceptor.loss_trace = tracers.current_trace()
         with nn.intercept_methods(interceptor):
             result = self.loss_fn(params, *batch)
         losses, aux = result if self.has_aux else (result, None)
@@ -190,7 +203,7 @@ class Curvature:
         if not interceptor.calls:
             raise ValueError(
                 "loss_fn called no layer that EKFAC can precondition (supported: "
-                "flax.linen.Dense). Does loss_fn apply a flax.linen model?"
+                f"{SUPPORTED}). Does loss_fn apply a flax.linen model?"
             )
         return interceptor.calls, losses.size
 
@@ -300,7 +313,7 @@ class Curvature:
             losses_and_sampled, params, perturbations, has_aux=True
         )
         mean_cotangent = jnp.full(losses.shape, 1 / losses.size, losses.dtype)
-        grads, _ = backward((mean_cotangent, jnp.zeros_like(sampled_sums)))
+        grads, _ = backward((mean_cotangent, jnp.ones_like(sampled_sums)))
 
         def sampled_output_grads(sample_indicator):
             return backward((jnp.zeros_like(losses), sample_indicator))[1]
@@ -311,7 +324,7 @@ class Curvature:
         )
         output_grads = tuple(g.reshape((-1,) + g.shape[2:]) for g in stacked)
         inputs = tuple(
-            jnp.tile(x, (num_samples,) + (1,) * (x.ndim - 1)) for x in inputs
+            jnp.repeat(x, num_samples, axis=0) for x in inputs
         )
         return jnp.mean(losses), aux, grads, inputs, output_grads
 

@@ -399,28 +399,38 @@ def test_reduce_sums_positions_before_the_outer_products():
     )
 
 
-def test_scanned_layers_are_refused_with_what_to_do():
-    class ScanBody(nn.Module):
-        @nn.compact
-        def __call__(self, carry, _):
-            return jnp.tanh(nn.Dense(4)(carry)), None
+class _ScanBody(nn.Module):
+    @nn.compact
+    def __call__(self, carry, _):
+        return jnp.tanh(nn.Dense(4)(carry)), None
 
-    class ScanModel(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            x, _ = nn.scan(
-                ScanBody,
-                variable_axes={"params": 0},
-                split_rngs={"params": True},
-                length=3,
-            )(name="blocks")(x, None)
-            return x
 
-    model = ScanModel()
+class _Scanned(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x, _ = nn.scan(
+            _ScanBody,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            length=3,
+        )(name="blocks")(x, None)
+        return x
+
+
+class _Rematerialized(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.remat(nn.Dense)(4, name="hidden")(x)
+
+
+@pytest.mark.parametrize("model", [_Scanned(), _Rematerialized()])
+def test_layers_inside_lifted_transforms_are_refused_with_what_to_do(model):
     x = jnp.ones((2, 4))
     params = model.init(jax.random.key(0), x)["params"]
     curvature = oek.Curvature(
         lambda p, x: oek.squared_error(model.apply({"params": p}, x), x)
     )
-    with pytest.raises(ValueError, match="nn.scan / nn.vmap"):
+    with pytest.raises(ValueError, match="inside a JAX transformation"):
         curvature.layers(params, x)
+    with pytest.raises(ValueError, match="inside a JAX transformation"):
+        jax.jit(curvature.value_grad_and_stats)(params, x)
