@@ -1,6 +1,16 @@
 """optax_ekfac: EKFAC preconditioning for Flax models as optax transformations."""
 
+from optax_ekfac import nnx
 from optax_ekfac.capture import Curvature, Statistics
+from optax_ekfac.diagnostics import (
+    BlockDistances,
+    ekfac_block,
+    fisher_block,
+    frobenius_distances,
+    gradient_variance,
+    kfac_block,
+    per_example_gradients,
+)
 from optax_ekfac.layers import Block, Layers, LayerStats
 from optax_ekfac.losses import (
     sigmoid_binary_cross_entropy,
@@ -19,6 +29,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Block",
+    "BlockDistances",
     "BlockState",
     "Curvature",
     "LayerStats",
@@ -26,6 +37,13 @@ __all__ = [
     "ScaleByEkfacState",
     "Statistics",
     "ekfac",
+    "ekfac_block",
+    "fisher_block",
+    "frobenius_distances",
+    "gradient_variance",
+    "kfac_block",
+    "nnx",
+    "per_example_gradients",
     "precondition",
     "scale_by_ekfac",
     "sigmoid_binary_cross_entropy",

@@ -10,9 +10,17 @@ cotangents `dL/dy` of every call.
 `loss_fn` returns unreduced losses: `L = mean(l)` over its `N` entries, so a
 captured cotangent is `(1/N) dl_n/dy_n`. Scaling it by `N` gives the
 per-example output gradient `d_n = dl_n/dy_n` that the Fisher needs.
+
+For the Monte-Carlo Fisher (`fisher_type="mc"`) the loss helpers, while
+`loss_fn` runs, also record the losses `l̃` of labels sampled from their own
+predictions (see `losses.py`). One `jax.vjp` of `(l, Σ_n l̃ per sample)` then
+serves two backward passes: `mean(l)` gives the gradients, and each sample's
+sum (vmapped over the samples) gives the per-example `d̃_n = dl̃_n/dy_n`.
 """
 
 import dataclasses
+import math
+import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -58,6 +66,9 @@ class _Interceptor:
     """Records block calls; adds `perturbations[i]` to the i-th call's output.
 
     With `perturbations=None` it only describes the calls (the shape pass).
+    It is a `flax.linen` method interceptor; the flax.nnx capture (`nnx.py`)
+    calls it the same way, with a context that also carries `module_path`
+    (nnx modules do not know their path).
     """
 
     def __init__(self, perturbations: tuple[jax.Array, ...] | None = None):
@@ -72,12 +83,14 @@ class _Interceptor:
         kind = layers_lib.kind_of(context.module, context.method_name)
         if kind is None:
             return next_fun(*args, **kwargs)
-        name = layers_lib.block_name(context.module.path)
+        module_path = _module_path(context)
+        name = layers_lib.block_name(module_path)
         if tracers.current_trace() != self.loss_trace:
             raise ValueError(
                 f"{name}: this {kind} layer runs inside a JAX transformation "
-                "within loss_fn (nn.remat, nn.scan, nn.vmap, jax.checkpoint, "
-                "...), where the capture cannot record its input. Not supported "
+                "within loss_fn (nn.remat, nn.scan, nn.vmap, their nnx "
+                "counterparts, jax.checkpoint, ...), where the capture cannot "
+                "record its input. Not supported "
                 "yet: apply that transformation to modules without captured "
                 f"layers, or leave it out when training with EKFAC ({SUPPORTED})."
             )
@@ -100,19 +113,29 @@ class _Interceptor:
             context.module,
             shape(inputs.shape, inputs.dtype),
             shape(outputs.shape, outputs.dtype),
+            name=name,
         )
         self.calls.append(
             _Call(
                 name=name,
-                module_path=tuple(context.module.path),
+                module_path=module_path,
                 kind=kind,
                 method=context.method_name,
                 shape=call_shape,
-                outputs=shape(outputs.shape, outputs.dtype),
+                outputs=shape(
+                    outputs.shape, outputs.dtype, sharding=jax.typeof(outputs).sharding
+                ),
             )
         )
         self.inputs.append(inputs)
         return outputs
+
+
+def _module_path(context) -> tuple[str, ...]:
+    """The called module's path: a linen module knows it; an nnx capture's
+    context carries it."""
+    path = getattr(context, "module_path", None)
+    return tuple(context.module.path if path is None else path)
 
 
 class Curvature:
@@ -162,7 +185,7 @@ class Curvature:
                 f"Curvature: fisher_type must be one of {FISHER_TYPES}, got "
                 f"{fisher_type!r}."
             )
-        if not (isinstance(num_samples, int) and num_samples >= 1):
+        if not (isinstance(num_samples, numbers.Integral) and num_samples >= 1):
             raise ValueError(
                 f"Curvature: num_samples must be an integer >= 1, got {num_samples}."
             )
@@ -174,12 +197,18 @@ class Curvature:
         self.loss_fn = loss_fn
         self.has_aux = has_aux
         self.fisher_type = fisher_type
-        self.num_samples = num_samples
+        self.num_samples = int(num_samples)
+
+    def _call_loss_fn(self, params, batch, interceptor: _Interceptor) -> Any:
+        """`loss_fn(params, *batch)` with its layer calls going through
+        `interceptor`: a linen method interceptor here; `nnx.Curvature`
+        routes flax.nnx layer calls instead."""
+        with nn.intercept_methods(interceptor):
+            return self.loss_fn(params, *batch)
 
     def _losses(self, params, batch, interceptor):
         interceptor.loss_trace = tracers.current_trace()
-        with nn.intercept_methods(interceptor):
-            result = self.loss_fn(params, *batch)
+        result = self._call_loss_fn(params, batch, interceptor)
         losses, aux = result if self.has_aux else (result, None)
         losses = jnp.asarray(losses)
         if losses.ndim == 0:
@@ -203,8 +232,9 @@ class Curvature:
         if not interceptor.calls:
             raise ValueError(
                 "loss_fn called no layer that EKFAC can precondition (supported: "
-                f"{SUPPORTED}). Does loss_fn apply a flax.linen model?"
+                f"{SUPPORTED}). Does loss_fn apply the model it is given?"
             )
+        _check_loss_terms(losses.shape, batch)
         return interceptor.calls, losses.size
 
     def layers(self, params: optax.Params, *batch: Any) -> Layers:
@@ -247,7 +277,15 @@ class Curvature:
             )
         calls, num_terms = self._trace_calls(params, batch)
         perturbations = tuple(
-            jnp.zeros(call.outputs.shape, call.outputs.dtype) for call in calls
+            # In the output's sharding: under an explicit mesh the cotangent
+            # takes the perturbation's type, and a replicated one would gather
+            # every example's output gradients onto every device.
+            jnp.zeros(
+                call.outputs.shape,
+                call.outputs.dtype,
+                out_sharding=call.outputs.sharding,
+            )
+            for call in calls
         )
         if self.fisher_type == "mc":
             loss, aux, grads, inputs, all_output_grads = self._sampled_pass(
@@ -313,7 +351,7 @@ class Curvature:
             losses_and_sampled, params, perturbations, has_aux=True
         )
         mean_cotangent = jnp.full(losses.shape, 1 / losses.size, losses.dtype)
-        grads, _ = backward((mean_cotangent, jnp.ones_like(sampled_sums)))
+        grads, _ = backward((mean_cotangent, jnp.zeros_like(sampled_sums)))
 
         def sampled_output_grads(sample_indicator):
             return backward((jnp.zeros_like(losses), sample_indicator))[1]
@@ -324,7 +362,7 @@ class Curvature:
         )
         output_grads = tuple(g.reshape((-1,) + g.shape[2:]) for g in stacked)
         inputs = tuple(
-            jnp.repeat(x, num_samples, axis=0) for x in inputs
+            jnp.tile(x, (num_samples,) + (1,) * (x.ndim - 1)) for x in inputs
         )
         return jnp.mean(losses), aux, grads, inputs, output_grads
 
@@ -387,4 +425,31 @@ def _check_param(name: str, path, shape, leaves) -> None:
         raise ValueError(
             f"{name}: params hold {'/'.join(path)} of shape {held}, the layer's "
             f"calls need {tuple(shape)}; are these the params loss_fn applies?"
+        )
+
+
+def _check_loss_terms(loss_shape: tuple[int, ...], batch: tuple) -> None:
+    """Raises when the losses cannot be whole loss terms of each example.
+
+    Every example contributes a whole number of loss terms (`[B]`, `[B, T]`,
+    `[B * T]`), so `N` is a multiple of the batch size `B`. A loss reduced over
+    the batch axis (`.mean(0)`, `keepdims=True`) breaks that, and would scale
+    the output gradients by the wrong `N`. `B` is known only when every batch
+    argument with an axis has the same leading size; otherwise (a lookup
+    table, a raw key among the arguments) nothing is checked.
+    """
+    leading_sizes = {
+        jnp.shape(leaf)[0] for leaf in jax.tree.leaves(batch) if jnp.ndim(leaf)
+    }
+    if len(leading_sizes) != 1:
+        return
+    (batch_size,) = leading_sizes
+    num_terms = math.prod(loss_shape)
+    if num_terms % batch_size:
+        raise ValueError(
+            f"loss_fn returned losses of shape {tuple(loss_shape)} ({num_terms} "
+            f"terms) for a batch of {batch_size} examples (the leading axis of "
+            "the batch arguments); it must return unreduced losses with whole "
+            "terms per example ([B], or [B, T] for token losses), not losses "
+            "reduced over the batch (e.g. .mean(0) or keepdims=True)."
         )

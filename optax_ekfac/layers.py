@@ -37,13 +37,17 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import nnx
 from flax.linen.linear import canonicalize_padding
 
 ParamPath = tuple[str, ...]
 ParamShapes = tuple[tuple[str, tuple[int, ...]], ...]
 
 ROOT_NAME = "(root)"
-SUPPORTED = "flax.linen Dense, DenseGeneral, Conv and Embed"
+SUPPORTED = (
+    "flax.linen Dense, DenseGeneral, Conv and Embed; "
+    "flax.nnx Linear, LinearGeneral, Conv and Embed"
+)
 
 
 class LayerStats(NamedTuple):
@@ -169,40 +173,73 @@ class CallShape:
     config: tuple = ()
 
 
-def kind_of(module: nn.Module, method_name: str) -> str | None:
+def kind_of(module: nn.Module | nnx.Module, method_name: str) -> str | None:
     """The layer kind of a module method call, or None if it is not a block.
 
-    Modules that are not recognised (and Conv with a mask, DenseGeneral with
-    `batch_dims`) are not captured: their parameters fall back to the diagonal.
+    flax.nnx layers are the kinds of their linen counterparts: `nnx.Linear` is
+    a "Dense", `nnx.LinearGeneral` a "DenseGeneral". Modules that are not
+    recognised (and Conv with a mask, DenseGeneral with `batch_dims`,
+    LinearGeneral with `batch_axis`) are not captured: their parameters fall
+    back to the diagonal.
     """
-    if isinstance(module, nn.Embed):
+    if isinstance(module, nn.Embed | nnx.Embed):
         return "Embed" if method_name in ("__call__", "attend") else None
     if method_name != "__call__":
         return None
-    if isinstance(module, nn.Dense):
+    if isinstance(module, nn.Dense | nnx.Linear):
         return "Dense"
-    if isinstance(module, nn.DenseGeneral) and not module.batch_dims:
+    if isinstance(module, nn.DenseGeneral | nnx.LinearGeneral) and not (
+        _LinenNames(module).batch_dims
+    ):
         return "DenseGeneral"
-    if isinstance(module, nn.Conv) and module.mask is None:
+    if isinstance(module, nn.Conv | nnx.Conv) and module.mask is None:
         return "Conv"
     return None
 
 
 def describe_call(
     kind: str,
-    module: nn.Module,
+    module: nn.Module | nnx.Module,
     inputs: jax.ShapeDtypeStruct,
     outputs: jax.ShapeDtypeStruct,
+    name: str | None = None,
 ) -> CallShape:
-    """The block shape one call implies; raises if the capture can't use it."""
-    name = block_name(module.path)
+    """The block shape one call implies; raises if the capture can't use it.
+
+    `name` names the block in errors; by default the linen module's path
+    (flax.nnx modules do not know their path: the capture passes it).
+    """
+    name = block_name(module.path) if name is None else name
     if kind != "Embed" and inputs.ndim < 2:
         raise ValueError(
             f"{name}: a {kind} layer was called on an input of shape "
             f"{inputs.shape}; the capture needs a leading batch axis (do not "
             "call the model under jax.vmap inside loss_fn)."
         )
-    return _DESCRIBE[kind](name, module, inputs, outputs)
+    return _DESCRIBE[kind](name, _LinenNames(module), inputs, outputs)
+
+
+class _LinenNames:
+    """A layer's settings under flax.linen's attribute names.
+
+    flax.nnx layers name two settings differently: the output features
+    (`out_features`; linen: `features`) and LinearGeneral's batch axes
+    (`batch_axis`; linen DenseGeneral: `batch_dims`). Everything else the
+    description reads (`use_bias`, `axis`, `kernel_size`, `strides`,
+    `padding`, dilations, `feature_group_count`, `mask`, `num_embeddings`)
+    has the same name and meaning in both.
+    """
+
+    _NNX_NAMES = {"features": "out_features", "batch_dims": "batch_axis"}
+
+    def __init__(self, module: nn.Module | nnx.Module):
+        self._module = module
+
+    def __getattr__(self, name: str) -> Any:
+        module = self._module
+        if isinstance(module, nnx.Module) and not hasattr(module, name):
+            name = self._NNX_NAMES.get(name, name)
+        return getattr(module, name)
 
 
 def _describe_dense(name, module, inputs, outputs) -> CallShape:
@@ -302,7 +339,7 @@ def input_rows(block: Block, inputs: jax.Array, dtype: Any) -> jax.Array:
     are its token ids, `[N, positions]` (one-hot, never materialised).
     """
     if block.kind == "Embed":
-        return inputs.reshape(inputs.shape[0], -1)
+        return _reshape_keeping(inputs, (inputs.shape[0], -1))
     if block.kind == "DenseGeneral":
         axes, _ = block.config
         inputs = jnp.moveaxis(inputs, axes, tuple(range(-len(axes), 0)))
@@ -311,9 +348,11 @@ def input_rows(block: Block, inputs: jax.Array, dtype: Any) -> jax.Array:
         inputs = _conv_patches(block, inputs)
     num_features = block.input_dim - block.has_bias
     leading = inputs.shape[: 1 + block.grouped]  # [G,] N
-    rows = inputs.reshape(leading + (-1, num_features)).astype(dtype)
+    rows = _reshape_keeping(inputs, leading + (-1, num_features), len(leading))
+    rows = rows.astype(dtype)
     if block.has_bias:
-        rows = jnp.concatenate([rows, jnp.ones(rows.shape[:-1] + (1,), dtype)], -1)
+        # ones_like keeps the rows' sharding (the example axis, when sharded).
+        rows = jnp.concatenate([rows, jnp.ones_like(rows[..., :1])], -1)
     return rows
 
 
@@ -322,11 +361,28 @@ def output_rows(block: Block, output_grads: jax.Array, dtype: Any) -> jax.Array:
     `[G, N, positions, output_dim]`)."""
     num_examples = output_grads.shape[0]
     if block.grouped:
-        rows = output_grads.reshape(
-            num_examples, -1, block.num_groups, block.output_dim
+        rows = _reshape_keeping(
+            output_grads, (num_examples, -1, block.num_groups, block.output_dim)
         )
         return jnp.moveaxis(rows, 2, 0).astype(dtype)
-    return output_grads.reshape(num_examples, -1, block.output_dim).astype(dtype)
+    rows = _reshape_keeping(output_grads, (num_examples, -1, block.output_dim))
+    return rows.astype(dtype)
+
+
+def _reshape_keeping(
+    array: jax.Array, shape: Sequence[int], num_kept: int = 1
+) -> jax.Array:
+    """`array.reshape(shape)` whose first `num_kept` axes stay as they are.
+
+    They keep their sharding (the example axis of a batch sharded under an
+    explicit mesh) and the reshaped feature axes are unsharded: JAX does not
+    infer that for every reshape (it refuses `[N, H, W, G * O]` to
+    `[N, H * W, G, O]`, say). No constraint is added for non-explicit axes.
+    """
+    sharding = jax.typeof(array).sharding
+    kept = jax.sharding.PartitionSpec(*tuple(sharding.spec)[:num_kept])
+    out_sharding = jax.sharding.NamedSharding(sharding.mesh, kept)
+    return jnp.reshape(array, shape, out_sharding=out_sharding)
 
 
 def example_rows(
@@ -351,7 +407,7 @@ def _lookup_rows(block: Block, stats: Sequence[LayerStats], dtype: Any):
         call for call, method in zip(stats, _methods(block)) if method == "__call__"
     ]
     num_examples = stats[0].inputs.shape[0]
-    ids = [call.inputs.reshape(num_examples, -1) for call in lookups]
+    ids = [_reshape_keeping(call.inputs, (num_examples, -1)) for call in lookups]
     outputs = [output_rows(block, call.output_grads, dtype) for call in lookups]
     if not lookups:
         empty = jnp.zeros((num_examples, 0), jnp.int32)
@@ -377,7 +433,7 @@ def attend_rows(
     num_examples = attends[0].inputs.shape[0]
 
     def rows(array, width):
-        return array.reshape(num_examples, -1, width).astype(dtype)
+        return _reshape_keeping(array, (num_examples, -1, width)).astype(dtype)
 
     return (
         jnp.concatenate([rows(c.output_grads, block.input_dim) for c in attends], 1),
@@ -530,7 +586,15 @@ def _as_tuple(value) -> tuple:
 
 
 def path_names(path: Sequence[Any]) -> ParamPath:
-    """A `jax.tree_util` key path as a tuple of plain names."""
+    """A `jax.tree_util` key path as a tuple of plain names.
+
+    A flax.nnx `Variable` flattens to its value under a trailing `.value`
+    attribute key; the leaf is named by the variable's own path, so that an
+    `nnx.State` of parameters (with `Variable`s or pure arrays as leaves) has
+    the same names as a linen params dict: `("layers", "0", "kernel")`.
+    """
+    if path and path[-1] == jax.tree_util.GetAttrKey("value"):
+        path = path[:-1]
     names = []
     for key in path:
         if isinstance(key, jax.tree_util.DictKey):

@@ -9,11 +9,93 @@ per leading index and never reduces over examples. The last axis of
 Each helper is the negative log-likelihood of a distribution (categorical,
 unit-variance Gaussian, independent Bernoulli), which is what makes the
 empirical Fisher of these losses a Fisher.
+
+For the Monte-Carlo Fisher (`Curvature(..., fisher_type="mc")`) the capture
+runs `loss_fn` inside `sampling(key, num_samples)`. While that context is
+active, every helper call also samples labels from its own predictive
+distribution (whose parameters are `stop_gradient`-ed, so that only the loss,
+not the sampling, is differentiated) and records the negative log-likelihood
+of those labels. The helper still returns the loss of the true labels: the
+sampled losses reach the capture through the context only.
 """
+
+import contextlib
+import contextvars
+import dataclasses
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import optax
+
+
+@dataclasses.dataclass
+class Sampling:
+    """The labels to sample while a Monte-Carlo Fisher capture is active.
+
+    Attributes:
+        key: the `jax.random` key of this forward pass; helper call `i` samples
+            with `jax.random.fold_in(key, i)`.
+        num_samples: `S`, label samples per loss term.
+        losses: one `[S, ...]` array per helper call, in call order: the
+            losses of the sampled labels, `S` times the helper's output shape.
+    """
+
+    key: jax.Array
+    num_samples: int
+    losses: list[jax.Array] = dataclasses.field(default_factory=list)
+
+
+_ACTIVE_SAMPLING: contextvars.ContextVar[Sampling | None] = contextvars.ContextVar(
+    "optax_ekfac_sampling", default=None
+)
+
+
+@contextlib.contextmanager
+def sampling(key: jax.Array, num_samples: int) -> Iterator[Sampling]:
+    """Makes the loss helpers record losses of sampled labels.
+
+    Args:
+        key: a `jax.random` key.
+        num_samples: label samples per loss term.
+
+    Yields:
+        The `Sampling` whose `losses` the helpers called inside append to.
+
+    Example:
+        >>> with sampling(jax.random.key(0), num_samples=2) as labels:
+        ...     losses = softmax_cross_entropy(logits, targets)
+        >>> [sampled.shape for sampled in labels.losses]   # logits [4, 3]
+        [(2, 4)]
+    """
+    token = _ACTIVE_SAMPLING.set(Sampling(key, num_samples))
+    try:
+        yield _ACTIVE_SAMPLING.get()
+    finally:
+        _ACTIVE_SAMPLING.reset(token)
+
+
+def _record_sampled_losses(
+    predictions: jax.Array,
+    sample: Callable[[jax.Array, jax.Array, int], jax.Array],
+    negative_log_likelihood: Callable[[jax.Array, jax.Array], jax.Array],
+) -> None:
+    """Inside `sampling`: records the losses of labels sampled from predictions.
+
+    Args:
+        predictions: the helper's predictions (differentiable).
+        sample: `sample(key, distribution, num_samples)` -> `[S, ...]` labels,
+            with `distribution` the predictions with gradients stopped.
+        negative_log_likelihood: the helper's loss of one label array.
+    """
+    active = _ACTIVE_SAMPLING.get()
+    if active is None:
+        return
+    key = jax.random.fold_in(active.key, len(active.losses))
+    labels = sample(key, jax.lax.stop_gradient(predictions), active.num_samples)
+    active.losses.append(
+        jax.vmap(negative_log_likelihood, in_axes=(None, 0))(predictions, labels)
+    )
 
 
 def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -27,6 +109,9 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     Returns:
         `[...]` per-example losses.
 
+    Under a Monte-Carlo Fisher capture it also records the losses of classes
+    sampled from `softmax(logits)`.
+
     Example:
         >>> logits = jnp.array([[2.0, 0.0], [0.0, 1.0]])
         >>> softmax_cross_entropy(logits, jnp.array([0, 1])).shape
@@ -34,14 +119,23 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """
     if labels.ndim == logits.ndim:
         _check_same_shape("softmax_cross_entropy", logits, labels)
-        return optax.softmax_cross_entropy(logits, labels)
-    if labels.shape != logits.shape[:-1]:
+        losses = optax.softmax_cross_entropy(logits, labels)
+    elif labels.shape != logits.shape[:-1]:
         raise ValueError(
             "softmax_cross_entropy: integer labels must have the shape of "
             f"logits without its class axis, {logits.shape[:-1]}; got "
             f"{labels.shape}."
         )
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    else:
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    _record_sampled_losses(
+        logits,
+        lambda key, logits, num_samples: jax.random.categorical(
+            key, logits, shape=(num_samples,) + logits.shape[:-1]
+        ),
+        optax.softmax_cross_entropy_with_integer_labels,
+    )
+    return losses
 
 
 def squared_error(predictions: jax.Array, targets: jax.Array) -> jax.Array:
@@ -57,12 +151,16 @@ def squared_error(predictions: jax.Array, targets: jax.Array) -> jax.Array:
     Returns:
         `[...]` per-example losses.
 
+    Under a Monte-Carlo Fisher capture it also records the losses of targets
+    sampled from `N(predictions, I)`.
+
     Example:
         >>> squared_error(jnp.ones((4, 3)), jnp.zeros((4, 3)))
         Array([1.5, 1.5, 1.5, 1.5], dtype=float32)
     """
     _check_same_shape("squared_error", predictions, targets)
-    return jnp.sum(optax.l2_loss(predictions, targets), axis=-1)
+    _record_sampled_losses(predictions, _sample_gaussian, _gaussian_nll)
+    return _gaussian_nll(predictions, targets)
 
 
 def sigmoid_binary_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -75,12 +173,36 @@ def sigmoid_binary_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Ar
     Returns:
         `[...]` per-example losses.
 
+    Under a Monte-Carlo Fisher capture it also records the losses of labels
+    sampled from `Bernoulli(sigmoid(logits))`.
+
     Example:
         >>> sigmoid_binary_cross_entropy(jnp.zeros((2, 1)), jnp.ones((2, 1))).shape
         (2,)
     """
     _check_same_shape("sigmoid_binary_cross_entropy", logits, labels)
+    _record_sampled_losses(logits, _sample_bernoulli, _bernoulli_nll)
+    return _bernoulli_nll(logits, labels)
+
+
+def _gaussian_nll(predictions: jax.Array, targets: jax.Array) -> jax.Array:
+    return jnp.sum(optax.l2_loss(predictions, targets), axis=-1)
+
+
+def _sample_gaussian(key: jax.Array, mean: jax.Array, num_samples: int) -> jax.Array:
+    noise = jax.random.normal(key, (num_samples,) + mean.shape, mean.dtype)
+    return mean + noise
+
+
+def _bernoulli_nll(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return jnp.sum(optax.sigmoid_binary_cross_entropy(logits, labels), axis=-1)
+
+
+def _sample_bernoulli(key: jax.Array, logits: jax.Array, num_samples: int) -> jax.Array:
+    labels = jax.random.bernoulli(
+        key, jax.nn.sigmoid(logits), (num_samples,) + logits.shape
+    )
+    return labels.astype(logits.dtype)
 
 
 def _check_same_shape(name: str, predictions: jax.Array, targets: jax.Array):

@@ -33,16 +33,20 @@ average of `N g²`, which estimates the per-example second moment from the
 batch gradient `g` of a mean over `N` loss terms.
 """
 
-import numbers
+import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from optax_ekfac import distributed
 from optax_ekfac import layers as layers_lib
 from optax_ekfac.capture import Statistics
-from optax_ekfac.layers import Block, Layers
+from optax_ekfac.layers import Block, Layers, LayerStats
+
+_DEFAULT_MAX_PER_EXAMPLE_ELEMENTS = 2**22
 
 
 class BlockState(NamedTuple):
@@ -71,11 +75,19 @@ class BlockState(NamedTuple):
 class ScaleByEkfacState(NamedTuple):
     """State of `scale_by_ekfac`: arrays only, so it checkpoints as a pytree.
 
+    `orbax.checkpoint` saves and restores it (restore into
+    `jax.eval_shape(tx.init, params)`); an embedding's `input_eigenbasis` is
+    None, which orbax keeps as an empty subtree.
+
     Attributes:
-        count: updates so far.
+        count: updates applied so far; a skipped step (non-finite gradients or
+            statistics) does not count, so the amortization schedule and the
+            bias correction continue as if it never happened.
         stats_count: statistics refreshes so far (bias correction of the
             factors and of `second_moments`).
         scalings_count: scalings refreshes since the eigenbases last changed.
+        skipped_steps: steps skipped so far because their gradients or
+            statistics held a NaN or an infinity.
         blocks: block name -> `BlockState`.
         second_moments: fallback parameter path (joined with "/") -> running
             average of `N g²`.
@@ -84,6 +96,7 @@ class ScaleByEkfacState(NamedTuple):
     count: jax.Array
     stats_count: jax.Array
     scalings_count: jax.Array
+    skipped_steps: jax.Array
     blocks: dict[str, BlockState]
     second_moments: dict[str, jax.Array]
 
@@ -98,7 +111,7 @@ def scale_by_ekfac(
     eigenvalue_correction: bool = True,
     scalings: str = "exact",
     weight_sharing: str = "expand",
-    max_per_example_elements: int = 2**22,
+    max_per_example_elements: int | None = None,
     factor_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Preconditions gradients with EKFAC (George et al., 2018).
@@ -108,10 +121,28 @@ def scale_by_ekfac(
     `Curvature.value_grad_and_stats`. Chain it with a learning rate (or use
     `ekfac`), since it returns the preconditioned gradient, not a step.
 
+    A step whose gradients or statistics hold a NaN or an infinity is skipped:
+    the state stays as it was (factors, eigenbases, scalings, second moments
+    and `count`, so the amortization schedule is not shifted) except
+    `skipped_steps`, and the gradients are returned as they came, for
+    `optax.apply_if_finite` (or the caller) to reject. The check is one
+    reduction inside the compiled step.
+
+    The update checks that `stats` hold every block's calls with the feature
+    shapes of `layers`; the number of examples may change from batch to batch
+    (a last partial batch), but all calls of one block must share it.
+
     Args:
         layers: the blocks, from `Curvature.layers`.
-        damping: `λ`, added to the scalings (and to the diagonal fallback).
-            May be scheduled with `optax.inject_hyperparams`.
+        damping: `λ > 0`, added to the scalings (and to the diagonal
+            fallback), which bounds the update: `‖update‖ ≤ ‖g‖ / λ`. Much
+            larger than the scalings, the update tends to `g / λ` (gradient
+            descent scaled by `1 / λ`); tiny (1e-8), it tends to the undamped
+            EKFAC direction where the factors have curvature, while directions
+            without curvature (a batch smaller than a layer's width, dead
+            units, constant inputs) stay finite but can grow large. May be
+            scheduled with `optax.inject_hyperparams` (scheduled values are
+            not range-checked).
         decay: running-average decay of factors and scalings, in `[0, 1)`.
         eigen_update_every: eigendecompose the factors at the first update and
             then every this many updates. A multiple of `stats_update_every`.
@@ -135,7 +166,9 @@ def scale_by_ekfac(
             right when one loss term pools over the positions (a sequence or
             image classifier), and cheaper. Embeddings always use `"expand"`.
         max_per_example_elements: the most elements the per-example projected
-            gradients of one chunk may hold, for `scalings="exact"`.
+            gradients of one chunk may hold, for `scalings="exact"`; None for
+            `2**22`. It sets array shapes, so under `optax.inject_hyperparams`
+            name it in `static_args`.
         factor_dtype: dtype of the curvature state; by default each block's
             kernel dtype promoted to at least float32.
 
@@ -149,7 +182,13 @@ def scale_by_ekfac(
         >>> opt_state = tx.init(params)
         >>> updates, opt_state = tx.update(grads, opt_state, params, stats=stats)
     """
-    _check_hyperparameters(damping, decay, eigen_update_every, stats_update_every)
+    _check_hyperparameters(
+        damping=damping,
+        decay=decay,
+        eigen_update_every=eigen_update_every,
+        stats_update_every=stats_update_every,
+        max_per_example_elements=max_per_example_elements,
+    )
     for name, value, allowed in (
         ("scalings", scalings, ("exact", "per_position")),
         ("weight_sharing", weight_sharing, ("expand", "reduce")),
@@ -158,17 +197,16 @@ def scale_by_ekfac(
             raise ValueError(
                 f"scale_by_ekfac: {name} must be one of {allowed}, got {value!r}."
             )
-    if not max_per_example_elements >= 1:
-        raise ValueError(
-            "scale_by_ekfac: max_per_example_elements must be >= 1, got "
-            f"{max_per_example_elements}."
-        )
     settings = _Settings(
         decay=decay,
         eigenvalue_correction=eigenvalue_correction,
         exact_scalings=scalings == "exact",
         reduce_positions=weight_sharing == "reduce",
-        max_per_example_elements=max_per_example_elements,
+        max_per_example_elements=int(
+            _DEFAULT_MAX_PER_EXAMPLE_ELEMENTS
+            if max_per_example_elements is None
+            else max_per_example_elements
+        ),
     )
     if not isinstance(layers, Layers):
         raise TypeError(
@@ -190,7 +228,7 @@ def scale_by_ekfac(
             for path in layers.fallback
         }
         zero = jnp.zeros([], jnp.int32)
-        return ScaleByEkfacState(zero, zero, zero, blocks, second_moments)
+        return ScaleByEkfacState(zero, zero, zero, zero, blocks, second_moments)
 
     def update_fn(
         updates: optax.Updates,
@@ -203,26 +241,28 @@ def scale_by_ekfac(
         del params, extra_args
         _check_stats(layers, stats)
         grads = _checked_leaves(layers, updates, "updates")
-        refresh_stats = state.count % stats_update_every == 0
-        refresh_eigen = state.count % eigen_update_every == 0
+        _check_state(layers, state, grads)
+        # One flag for the whole step, computed in the compiled step: a NaN or
+        # an infinity anywhere in the gradients or statistics skips the
+        # refresh (no eigh of a NaN factor) and leaves the state as it was.
+        finite = _all_finite(updates, stats.layers)
+        refresh_stats = finite & (state.count % stats_update_every == 0)
+        refresh_eigen = refresh_stats & (state.count % eigen_update_every == 0)
         stats_count = state.stats_count + refresh_stats.astype(jnp.int32)
         scalings_count = jnp.where(
             refresh_eigen, 0, state.scalings_count
         ) + refresh_stats.astype(jnp.int32)
 
         def refresh(blocks, second_moments):
-            blocks = {
-                block.name: _refresh_block(
-                    block,
-                    blocks[block.name],
-                    stats.layers[block.name],
-                    settings,
-                    stats_count,
-                    scalings_count,
-                    refresh_eigen,
-                )
-                for block in layers.blocks
-            }
+            blocks = _refresh_blocks(
+                layers.blocks,
+                blocks,
+                stats.layers,
+                settings,
+                stats_count,
+                scalings_count,
+                refresh_eigen,
+            )
             second_moments = {
                 key: _ema(
                     moment,
@@ -264,10 +304,16 @@ def scale_by_ekfac(
         new_updates = jax.tree_util.tree_unflatten(
             treedef, [preconditioned[layers_lib.path_names(p)] for p, _ in flat]
         )
+        # A skipped step hands the gradients on as they came, for
+        # `optax.apply_if_finite` (or the caller) to reject.
+        new_updates = optax.tree.where(finite, new_updates, updates)
         new_state = ScaleByEkfacState(
-            count=optax.safe_increment(state.count),
+            count=jnp.where(finite, optax.safe_increment(state.count), state.count),
             stats_count=stats_count,
             scalings_count=scalings_count,
+            skipped_steps=jnp.where(
+                finite, state.skipped_steps, optax.safe_increment(state.skipped_steps)
+            ),
             blocks=blocks,
             second_moments=second_moments,
         )
@@ -337,6 +383,9 @@ class _Settings(NamedTuple):
     exact_scalings: bool
     reduce_positions: bool
     max_per_example_elements: int
+    eigh_dtype: Any = None
+    distribute_eigh: bool = True
+    axis_name: str = "data"
 
 
 def _initial_block_state(block: Block, dtype: Any) -> BlockState:
@@ -359,72 +408,151 @@ def _initial_block_state(block: Block, dtype: Any) -> BlockState:
     )
 
 
-def _refresh_block(
-    block: Block,
-    block_state: BlockState,
-    block_stats,
+def _refresh_blocks(
+    blocks: tuple[Block, ...],
+    states: dict[str, BlockState],
+    stats: dict[str, tuple[LayerStats, ...]],
     settings: _Settings,
     stats_count: jax.Array,
     scalings_count: jax.Array,
     refresh_eigen: jax.Array,
-) -> BlockState:
-    """New factors, eigenbases (when due) and scalings from one batch."""
-    dtype = block_state.output_factor.dtype
-    input_rows, output_rows = layers_lib.example_rows(block, block_stats, dtype)
-    attend_rows = (
-        layers_lib.attend_rows(block, block_stats, dtype)
-        if block.diagonal_input
-        else None
+) -> dict[str, BlockState]:
+    """New factors, eigenbases (when due) and scalings of every block.
+
+    The eigendecompositions of all blocks are one `lax.cond`, so that they can
+    be spread over the devices of a mesh axis together (`_eigenbases`).
+    """
+    rows, factors = {}, {}
+    for block in blocks:
+        dtype = states[block.name].output_factor.dtype
+        block_stats = stats[block.name]
+        rows[block.name] = layers_lib.example_rows(block, block_stats, dtype) + (
+            layers_lib.attend_rows(block, block_stats, dtype)
+            if block.diagonal_input
+            else None,
+        )
+        factors[block.name] = _refreshed_factors(
+            block, states[block.name], rows[block.name], settings, stats_count
+        )
+
+    def keep(factors):
+        del factors
+        return {
+            name: (state.input_eigenbasis, state.output_eigenbasis, state.scalings)
+            for name, state in states.items()
+        }
+
+    bases = jax.lax.cond(
+        refresh_eigen,
+        lambda factors: _eigenbases(blocks, factors, settings),
+        keep,
+        factors,
+    )
+    refreshed = {}
+    for block in blocks:
+        input_basis, output_basis, scalings = bases[block.name]
+        if settings.eigenvalue_correction:
+            scalings = _refreshed_scalings(
+                block, rows[block.name], bases[block.name], settings, scalings_count
+            )
+        refreshed[block.name] = BlockState(
+            *factors[block.name], input_basis, output_basis, scalings
+        )
+    return refreshed
+
+
+def _refreshed_factors(
+    block: Block,
+    state: BlockState,
+    rows: tuple,
+    settings: _Settings,
+    stats_count: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """The running averages of `A` and `B` after one batch of rows."""
+    input_rows, output_rows, attend_rows = rows
+
+    def batch_factors(input_rows, output_rows):
+        return _batch_factors(block, input_rows, output_rows, attend_rows, settings)
+
+    if block.grouped:
+        batch_factors = jax.vmap(batch_factors)
+    input_batch, output_batch = batch_factors(input_rows, output_rows)
+    return (
+        _ema(state.input_factor, input_batch, settings.decay, stats_count),
+        _ema(state.output_factor, output_batch, settings.decay, stats_count),
     )
 
-    def refresh_group(block_state, input_rows, output_rows):
-        input_batch, output_batch = _batch_factors(
-            block, input_rows, output_rows, attend_rows, settings
-        )
-        input_factor = _ema(
-            block_state.input_factor, input_batch, settings.decay, stats_count
-        )
-        output_factor = _ema(
-            block_state.output_factor, output_batch, settings.decay, stats_count
-        )
 
-        def eigendecompose(_):
-            if block.diagonal_input:
-                input_eigenvalues, input_basis = jnp.maximum(input_factor, 0), None
-            else:
-                input_eigenvalues, input_basis = _symmetric_eigh(input_factor)
-            output_eigenvalues, output_basis = _symmetric_eigh(output_factor)
-            kfac_scalings = jnp.outer(input_eigenvalues, output_eigenvalues)
-            return input_basis, output_basis, kfac_scalings
+def _refreshed_scalings(
+    block: Block,
+    rows: tuple,
+    bases: tuple,
+    settings: _Settings,
+    scalings_count: jax.Array,
+) -> jax.Array:
+    """The running average of `S` in the current eigenbases after one batch."""
+    input_rows, output_rows, attend_rows = rows
+    input_basis, output_basis, scalings = bases
 
-        def keep(_):
-            return (
-                block_state.input_eigenbasis,
-                block_state.output_eigenbasis,
-                block_state.scalings,
-            )
-
-        input_basis, output_basis, scalings = jax.lax.cond(
-            refresh_eigen, eigendecompose, keep, None
-        )
-        if settings.eigenvalue_correction:
-            batch_scalings = _batch_scalings(
-                block,
-                input_rows,
-                output_rows,
-                attend_rows,
-                input_basis,
-                output_basis,
-                settings,
-            )
-            scalings = _ema(scalings, batch_scalings, settings.decay, scalings_count)
-        return BlockState(
-            input_factor, output_factor, input_basis, output_basis, scalings
+    def batch_scalings(input_rows, output_rows, input_basis, output_basis):
+        return _batch_scalings(
+            block,
+            input_rows,
+            output_rows,
+            attend_rows,
+            input_basis,
+            output_basis,
+            settings,
         )
 
     if block.grouped:
-        refresh_group = jax.vmap(refresh_group)
-    return refresh_group(block_state, input_rows, output_rows)
+        batch_scalings = jax.vmap(batch_scalings)
+    batch = batch_scalings(input_rows, output_rows, input_basis, output_basis)
+    return _ema(scalings, batch, settings.decay, scalings_count)
+
+
+def _eigenbases(
+    blocks: tuple[Block, ...],
+    factors: dict[str, tuple[jax.Array, jax.Array]],
+    settings: _Settings,
+) -> dict[str, tuple[jax.Array | None, jax.Array, jax.Array]]:
+    """Per block `(U_A, U_B, outer(eigvals(A), eigvals(B)))` of new factors.
+
+    With `settings.distribute_eigh` and a mesh whose `settings.axis_name` has
+    `D > 1` devices, each device decomposes about `1/D` of the factors
+    (balanced by `G d³`, `G` groups of `d x d`) and the results are shared.
+    """
+    matrices, costs = [], []
+    for block in blocks:
+        input_factor, output_factor = factors[block.name]
+        # An embedding's input factor is diagonal: nothing to decompose.
+        own = (output_factor,) if block.diagonal_input else factors[block.name]
+        matrices += own
+        costs += [block.num_groups * factor.shape[-1] ** 3 for factor in own]
+
+    def eigh(factor):
+        return _symmetric_eigh(factor, settings.eigh_dtype)
+
+    if settings.distribute_eigh:
+        decomposed = distributed.map_over_axis(
+            eigh, matrices, costs, settings.axis_name
+        )
+    else:
+        decomposed = [eigh(matrix) for matrix in matrices]
+    decomposed = iter(decomposed)
+    bases = {}
+    for block in blocks:
+        input_factor, _ = factors[block.name]
+        if block.diagonal_input:
+            input_eigenvalues, input_basis = jnp.maximum(input_factor, 0), None
+        else:
+            input_eigenvalues, input_basis = next(decomposed)
+        output_eigenvalues, output_basis = next(decomposed)
+        kfac_scalings = jnp.einsum(
+            "...i,...o->...io", input_eigenvalues, output_eigenvalues
+        )
+        bases[block.name] = (input_basis, output_basis, kfac_scalings)
+    return bases
 
 
 def _batch_factors(
@@ -440,13 +568,17 @@ def _batch_factors(
     if block.diagonal_input:
         # One-hot rows: diag(A) counts the tokens; attend rows add their squares.
         input_factor = jnp.zeros(block.input_dim, output_rows.dtype)
-        input_factor = input_factor.at[input_rows.reshape(-1)].add(1)
-        output_factor = jnp.einsum("npi,npj->ij", output_rows, output_rows)
+        input_factor = input_factor.at[input_rows.reshape(-1)].add(
+            1, out_sharding=_sharding_of(input_factor)
+        )
+        output_factor = _sum_over_examples("npi,npj->ij", output_rows, output_rows)
         if attend_rows is not None:
             vocabulary_rows, feature_rows = attend_rows
             num_positions += vocabulary_rows.shape[1]
             input_factor += jnp.square(vocabulary_rows).sum((0, 1))
-            output_factor += jnp.einsum("npi,npj->ij", feature_rows, feature_rows)
+            output_factor += _sum_over_examples(
+                "npi,npj->ij", feature_rows, feature_rows
+            )
         return (
             input_factor / (num_examples * num_positions),
             output_factor / num_examples,
@@ -456,9 +588,11 @@ def _batch_factors(
         output_rows = output_rows.sum(1, keepdims=True)
         num_positions = 1
     flat_inputs = input_rows.reshape(-1, block.input_dim)
-    input_factor = flat_inputs.T @ flat_inputs / flat_inputs.shape[0]
+    input_factor = _sum_over_examples("ni,nj->ij", flat_inputs, flat_inputs)
+    input_factor /= flat_inputs.shape[0]
     flat_outputs = output_rows.reshape(-1, block.output_dim)
-    output_factor = flat_outputs.T @ flat_outputs / num_examples
+    output_factor = _sum_over_examples("ni,nj->ij", flat_outputs, flat_outputs)
+    output_factor /= num_examples
     return input_factor, output_factor
 
 
@@ -478,10 +612,12 @@ def _batch_scalings(
         # Per position: row `id` of S gathers (U_Bᵀ d)² of that token.
         squares = jnp.square(projected_outputs).reshape(-1, block.output_dim)
         scalings = jnp.zeros((block.input_dim, block.output_dim), squares.dtype)
-        scalings = scalings.at[input_rows.reshape(-1)].add(squares)
+        scalings = scalings.at[input_rows.reshape(-1)].add(
+            squares, out_sharding=_sharding_of(scalings)
+        )
         if attend_rows is not None:
             vocabulary_rows, feature_rows = attend_rows
-            scalings += jnp.einsum(
+            scalings += _sum_over_examples(
                 "npv,npf->vf",
                 jnp.square(vocabulary_rows),
                 jnp.square(feature_rows @ output_basis),
@@ -491,7 +627,7 @@ def _batch_scalings(
     if num_positions == 1 or not settings.exact_scalings:
         # Two matmuls: Σ_{n,p} (U_Aᵀa)² (U_Bᵀd)²ᵀ.
         return (
-            jnp.einsum(
+            _sum_over_examples(
                 "npi,npo->io",
                 jnp.square(projected_inputs),
                 jnp.square(projected_outputs),
@@ -509,36 +645,91 @@ def _batch_scalings(
 def _sum_of_squared_per_example_gradients(
     inputs: jax.Array, outputs: jax.Array, max_elements: int
 ) -> jax.Array:
-    """`Σ_n (Σ_p a_{n,p} d_{n,p}ᵀ)²` in chunks of at most `max_elements`."""
+    """`Σ_n (Σ_p a_{n,p} d_{n,p}ᵀ)²` in chunks of at most `max_elements`.
+
+    The examples are grouped by the shard of the example axis that holds them
+    (one group unless the batch is sharded under an explicit mesh) and each
+    group is cut into chunks: every scan step takes one chunk of every shard,
+    so each device works on its own examples at every step, keeps its partial
+    sum, and the shards are summed once at the end. The bound holds per shard.
+    """
     num_examples, num_positions, input_dim = inputs.shape
     output_dim = outputs.shape[-1]
-    chunk = max(1, min(num_examples, max_elements // (input_dim * output_dim)))
+    example_sharding = jax.typeof(inputs).sharding
+    num_shards = num_examples // example_sharding.shard_shape(inputs.shape)[0]
+    per_shard = num_examples // num_shards
+    chunk = max(1, min(per_shard, max_elements // (input_dim * output_dim)))
+
+    def by_shard(rows):  # [N, P, d] -> [shards, N / shards, P, d], no transfer
+        return rows.reshape((num_shards, per_shard) + rows.shape[1:])
 
     def chunk_sum(inputs, outputs):
-        per_example = jnp.einsum("npi,npo->nio", inputs, outputs)
-        return jnp.square(per_example).sum(0)
+        per_example = jnp.einsum("snpi,snpo->snio", inputs, outputs)
+        return jnp.square(per_example).sum(1)  # [shards, i, o]
 
-    if chunk == num_examples:
-        return chunk_sum(inputs, outputs)
-    num_chunks = -(-num_examples // chunk)
-    padding = [(0, num_chunks * chunk - num_examples), (0, 0), (0, 0)]
+    if chunk == per_shard:
+        return chunk_sum(by_shard(inputs), by_shard(outputs)).sum(0)
+    num_chunks = -(-per_shard // chunk)
+    padding = [(0, 0), (0, num_chunks * chunk - per_shard), (0, 0), (0, 0)]
 
     def chunked(rows):
-        rows = jnp.pad(rows, padding)  # zero examples add nothing
-        return rows.reshape((num_chunks, chunk) + rows.shape[1:])
+        rows = jnp.pad(by_shard(rows), padding)  # zero examples add nothing
+        rows = rows.reshape((num_shards, num_chunks, chunk) + rows.shape[2:])
+        return jnp.moveaxis(rows, 1, 0)  # [chunks, shards, chunk, P, d]
 
     def add_chunk(total, rows):
         return total + chunk_sum(*rows), None
 
-    initial = jnp.zeros((input_dim, output_dim), inputs.dtype)
+    partial_sharding = jax.sharding.NamedSharding(
+        example_sharding.mesh, jax.sharding.PartitionSpec(example_sharding.spec[0])
+    )
+    initial = jnp.zeros(
+        (num_shards, input_dim, output_dim), inputs.dtype, out_sharding=partial_sharding
+    )
     total, _ = jax.lax.scan(add_chunk, initial, (chunked(inputs), chunked(outputs)))
-    return total
+    return total.sum(0)
 
 
-def _symmetric_eigh(factor: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Eigenvalues (clipped at 0 against round-off) and eigenvectors."""
-    eigenvalues, eigenvectors = jnp.linalg.eigh((factor + factor.T) / 2)
-    return jnp.maximum(eigenvalues, 0), eigenvectors
+def _sum_over_examples(subscripts: str, *operands: jax.Array) -> jax.Array:
+    """`jnp.einsum` of rows that sums over the examples (and positions).
+
+    With the batch sharded along the example axis under an explicit mesh, JAX
+    asks where a contraction over that axis should go: the sum over the
+    global batch is replicated, like the state it joins (an all-reduce).
+    """
+    replicated = jax.sharding.NamedSharding(
+        jax.sharding.get_abstract_mesh(), jax.sharding.PartitionSpec()
+    )
+    return jnp.einsum(subscripts, *operands, out_sharding=replicated)
+
+
+def _sharding_of(array: jax.Array) -> jax.sharding.Sharding:
+    """The sharding in `array`'s type (replicated for a fresh `jnp.zeros`).
+
+    Scatter-adds of batch rows (sharded along the example axis under an
+    explicit mesh) into a replicated table need it as `out_sharding`: JAX
+    does not guess whether the result should be sharded or reduced.
+    """
+    return jax.typeof(array).sharding
+
+
+def _symmetric_eigh(
+    factor: jax.Array, dtype: Any = None
+) -> tuple[jax.Array, jax.Array]:
+    """Eigenvalues (clipped at 0 against round-off) and eigenvectors.
+
+    Of the symmetrized factor (round-off leaves the EMA slightly asymmetric),
+    or of each of a stack of factors; computed in `dtype` (None: the factor's,
+    at least float32) and returned in the factor's dtype.
+    """
+    dtype = dtype or jnp.promote_types(factor.dtype, jnp.float32)
+    eigenvalues, eigenvectors = jnp.linalg.eigh(
+        factor.astype(dtype), symmetrize_input=True
+    )
+    return (
+        jnp.maximum(eigenvalues, 0).astype(factor.dtype),
+        eigenvectors.astype(factor.dtype),
+    )
 
 
 def _ema(
@@ -555,13 +746,21 @@ def _ema(
 
 
 def _checked_leaves(layers: Layers, tree: Any, what: str) -> dict:
+    """The leaves of `tree` by path, once they match the layers' parameters."""
     leaves = layers_lib.leaves_by_path(tree)
     for block in layers.blocks:
-        for path in block.param_paths:
+        for path, size in zip(block.param_paths, _param_sizes(block)):
             if path not in leaves:
                 raise ValueError(
                     f"scale_by_ekfac: {what} has no {'/'.join(path)} for block "
                     f"{block.name}; were the layers built for another model?"
+                )
+            shape = leaves[path].shape
+            if math.prod(shape) != size:
+                raise ValueError(
+                    f"scale_by_ekfac: {what} hold {'/'.join(path)} of shape "
+                    f"{shape}, but block {block.name} has {size} elements there; "
+                    "were the layers built for another model?"
                 )
     for path in layers.fallback:
         if path not in leaves:
@@ -569,10 +768,84 @@ def _checked_leaves(layers: Layers, tree: Any, what: str) -> dict:
                 f"scale_by_ekfac: {what} has no {'/'.join(path)}; were the layers "
                 "built for another model?"
             )
+    known = set(layers.fallback).union(*(block.param_paths for block in layers.blocks))
+    unknown = sorted("/".join(path) for path in leaves if path not in known)
+    if unknown:
+        raise ValueError(
+            f"scale_by_ekfac: {what} hold {unknown}, which the layers do not "
+            "know; were the layers built for another model?"
+        )
     return leaves
 
 
+def _param_sizes(block: Block) -> tuple[int, ...]:
+    """Number of elements of the kernel (and bias) of a block."""
+    features = block.output_dim * block.num_groups
+    kernel = (block.input_dim - block.has_bias) * features
+    return (kernel, features) if block.has_bias else (kernel,)
+
+
+def _check_state(layers: Layers, state: Any, grads: dict) -> None:
+    """Raises unless `state` is this transformation's state for these layers."""
+    if not isinstance(state, ScaleByEkfacState):
+        raise TypeError(
+            "scale_by_ekfac: state must be the ScaleByEkfacState from init, not "
+            f"{type(state).__name__}; restore checkpoints into a target such as "
+            "jax.eval_shape(tx.init, params)."
+        )
+    expected = {block.name for block in layers.blocks}
+    if set(state.blocks) != expected:
+        raise ValueError(
+            f"scale_by_ekfac: the state holds blocks {sorted(state.blocks)}, the "
+            f"layers {sorted(expected)}; is the state from another model?"
+        )
+    for block in layers.blocks:
+        held = state.blocks[block.name].scalings.shape[-2:]
+        if held != (block.input_dim, block.output_dim):
+            raise ValueError(
+                f"scale_by_ekfac: the state holds scalings of shape {held} for "
+                f"{block.name}, whose block is "
+                f"{(block.input_dim, block.output_dim)}; is the state from "
+                "another model?"
+            )
+    fallback = {"/".join(path) for path in layers.fallback}
+    if set(state.second_moments) != fallback:
+        raise ValueError(
+            "scale_by_ekfac: the state holds second moments for "
+            f"{sorted(state.second_moments)}, the layers' fallback is "
+            f"{sorted(fallback)}; is the state from another model?"
+        )
+    for key, moment in state.second_moments.items():
+        shape = grads[tuple(key.split("/"))].shape
+        if shape != moment.shape:
+            raise ValueError(
+                f"scale_by_ekfac: updates hold {key} of shape {shape}, the state "
+                f"{moment.shape}; is the state from another model?"
+            )
+
+
+def _all_finite(*trees: Any) -> jax.Array:
+    """Whether no floating-point leaf holds a NaN or an infinity: one scalar.
+
+    One reduction per leaf, which XLA fuses with the reads the step does
+    anyway (the same check as `optax.apply_if_finite`). Integer leaves (token
+    ids) are always finite.
+    """
+    checks = [
+        jnp.isfinite(leaf).all()
+        for leaf in jax.tree.leaves(trees)
+        if jnp.issubdtype(leaf.dtype, jnp.inexact)
+    ]
+    return jnp.all(jnp.asarray(checks, bool)) if checks else jnp.asarray(True)
+
+
 def _check_stats(layers: Layers, stats: Any) -> None:
+    """Raises unless `stats` hold every block's calls, in the layers' shapes.
+
+    Only feature shapes are checked: the number of examples may differ from
+    the batch the layers were built from (a last partial batch, a Monte-Carlo
+    Fisher's samples) but must be the same for all calls of one block.
+    """
     if stats is None:
         raise ValueError(
             "scale_by_ekfac: update needs the batch statistics: "
@@ -595,6 +868,14 @@ def _check_stats(layers: Layers, stats: Any) -> None:
         )
     for block in layers.blocks:
         calls = stats.layers[block.name]
+        if not (
+            isinstance(calls, tuple | list)
+            and all(isinstance(call, LayerStats) for call in calls)
+        ):
+            raise TypeError(
+                f"scale_by_ekfac: stats.layers[{block.name!r}] must be a tuple "
+                f"of LayerStats (one per call), not {type(calls).__name__}."
+            )
         if len(calls) != block.num_calls:
             raise ValueError(
                 f"scale_by_ekfac: {block.name} was called {len(calls)} times in "
@@ -603,32 +884,95 @@ def _check_stats(layers: Layers, stats: Any) -> None:
         methods = block.call_methods or ("__call__",) * block.num_calls
         for call, method in zip(calls, methods):
             layers_lib.check_call(block, call, method)
-
-
-def _check_hyperparameters(damping, decay, eigen_update_every, stats_update_every):
-    """Checks the values that are concrete (scheduled ones are traced)."""
-
-    def concrete(value):
-        return isinstance(value, numbers.Number) or (
-            isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer)
-        )
-
-    if concrete(damping) and not damping >= 0:
-        raise ValueError(f"scale_by_ekfac: damping must be >= 0, got {damping}.")
-    if concrete(decay) and not 0 <= decay < 1:
-        raise ValueError(f"scale_by_ekfac: decay must be in [0, 1), got {decay}.")
-    for name, period in (
-        ("eigen_update_every", eigen_update_every),
-        ("stats_update_every", stats_update_every),
-    ):
-        if concrete(period) and not (int(period) == period and period >= 1):
+            if (
+                block.kind == "Embed"
+                and method == "__call__"
+                and not jnp.issubdtype(call.inputs.dtype, jnp.integer)
+            ):
+                raise ValueError(
+                    f"scale_by_ekfac: stats for {block.name} hold embedding "
+                    f"inputs of dtype {call.inputs.dtype}, not token ids."
+                )
+        num_examples = sorted({call.inputs.shape[0] for call in calls})
+        if len(num_examples) > 1 or num_examples[0] < 1:
             raise ValueError(
-                f"scale_by_ekfac: {name} must be an integer >= 1, got {period}."
+                f"scale_by_ekfac: the calls of {block.name} hold {num_examples} "
+                "examples; the calls of one module are positions of the same "
+                "examples, so they need the same leading (example) axis, of at "
+                "least one example."
             )
+
+
+def _check_hyperparameters(
+    *,
+    damping: Any,
+    decay: Any,
+    eigen_update_every: Any,
+    stats_update_every: Any,
+    max_per_example_elements: Any,
+) -> None:
+    """Range-checks the hyperparameters whose values are known now.
+
+    Python and NumPy numbers and concrete JAX arrays are checked. Traced
+    values (those `optax.inject_hyperparams` passes to a jitted update) have
+    no value yet and are not: they were checked when `init` ran on concrete
+    ones, and a schedule's later values are the schedule's responsibility.
+    """
+    named = dict(
+        damping=damping,
+        decay=decay,
+        eigen_update_every=eigen_update_every,
+        stats_update_every=stats_update_every,
+        max_per_example_elements=max_per_example_elements,
+    )
+    values = {}
+    for name, value in named.items():
+        if value is None and name == "max_per_example_elements":
+            continue
+        if callable(value):
+            raise TypeError(
+                f"scale_by_ekfac: {name} must be a number, not {value!r}; to "
+                "schedule it, use optax.inject_hyperparams(scale_by_ekfac)("
+                f"layers, {name}=schedule)."
+            )
+        if jnp.ndim(value) != 0:
+            raise ValueError(
+                f"scale_by_ekfac: {name} must be a scalar, got shape "
+                f"{jnp.shape(value)}."
+            )
+        if isinstance(value, jax.core.Tracer):
+            if name == "max_per_example_elements":
+                raise ValueError(
+                    "scale_by_ekfac: max_per_example_elements sets array shapes, "
+                    "so it cannot be traced: with optax.inject_hyperparams, "
+                    "pass static_args=('max_per_example_elements',)."
+                )
+            continue
+        value = np.asarray(value)
+        if not (np.issubdtype(value.dtype, np.number) or value.dtype == bool):
+            raise TypeError(f"scale_by_ekfac: {name} must be a number, got {value}.")
+        values[name] = value.item()
+
+    def out_of_range(name, rule):
+        raise ValueError(f"scale_by_ekfac: {name} must be {rule}, got {named[name]!r}.")
+
+    if "damping" in values and not 0 < values["damping"] < math.inf:
+        # Zero would divide by the zero scalings of rank-deficient factors.
+        out_of_range("damping", "a finite number > 0 (it bounds the update)")
+    if "decay" in values and not 0 <= values["decay"] < 1:
+        out_of_range("decay", "in [0, 1)")
+    for name in (
+        "eigen_update_every",
+        "stats_update_every",
+        "max_per_example_elements",
+    ):
+        value = values.get(name)
+        if value is not None and not (value >= 1 and value == math.floor(value)):
+            out_of_range(name, "an integer >= 1")
     if (
-        concrete(eigen_update_every)
-        and concrete(stats_update_every)
-        and eigen_update_every % stats_update_every
+        "eigen_update_every" in values
+        and "stats_update_every" in values
+        and values["eigen_update_every"] % values["stats_update_every"]
     ):
         raise ValueError(
             "scale_by_ekfac: eigen_update_every must be a multiple of "

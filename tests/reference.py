@@ -15,15 +15,16 @@ import optax_ekfac as oek
 
 
 class MLP(nn.Module):
-    """Dense layers with tanh between; layer i is `dense_i`."""
+    """Dense layers with tanh between (none if `linear`); layer i is `dense_i`."""
 
     features: tuple[int, ...] = (6, 3)
     use_bias: tuple[bool, ...] = (True, True)
+    linear: bool = False
 
     @nn.compact
     def __call__(self, x):
         for i, (features, use_bias) in enumerate(zip(self.features, self.use_bias)):
-            if i:
+            if i and not self.linear:
                 x = jnp.tanh(x)
             self.sow("intermediates", f"input_{i}", x)
             x = nn.Dense(
@@ -63,6 +64,39 @@ def per_example(model, params, perturbations, loss_of_outputs, x, y):
         i: perturbation_grads[f"output_{i}"][:, 0] for i in range(num_layers)
     }
     return inputs, output_grads, param_grads
+
+
+def per_example_param_grads(loss_fn, params, *batch):
+    """`jax.vmap(jax.grad(...))` of `loss_fn(params, *batch)` one example at a time.
+
+    `loss_fn` returns per-example losses; example `n` is index `n` of every
+    batch argument, and its loss is the sum of its loss terms.
+    """
+
+    def loss_n(params, *example):
+        return loss_fn(params, *(arg[None] for arg in example)).sum()
+
+    in_axes = (None,) + (0,) * len(batch)
+    return jax.vmap(jax.grad(loss_n), in_axes=in_axes)(params, *batch)
+
+
+def labels_of_output_grads(loss, outputs, output_grads):
+    """The labels whose loss has gradient `output_grads` at the model `outputs`.
+
+    A Monte-Carlo Fisher capture's last-layer output gradients reveal the labels
+    it sampled, which lets brute force recompute everything from those labels:
+    `softmax(o) - onehot(y)` is negative only at `y`; `o - t` gives `t`;
+    `sigmoid(o) - y` gives `y`.
+    """
+    if loss is oek.softmax_cross_entropy:
+        return jnp.argmin(output_grads, axis=-1)
+    if loss is oek.squared_error:
+        return outputs - output_grads
+    if loss is oek.sigmoid_binary_cross_entropy:
+        labels = jax.nn.sigmoid(outputs) - output_grads
+        np.testing.assert_allclose(labels, jnp.round(labels), atol=1e-10)
+        return jnp.round(labels)
+    raise ValueError(loss)
 
 
 def block_gradients(param_grads, layer: int, use_bias: bool):

@@ -1,0 +1,112 @@
+"""Smoke test: the benchmark harness runs end to end on a tiny setting.
+
+Not a timing test: it checks that `benchmarks/` still fits the library (one
+trace per optimizer across its sweep, the numbers and files it reports), so
+the benchmark code does not rot between full runs.
+"""
+
+import json
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+import optax_ekfac as oek
+from benchmarks import cost, harness, mlp
+
+
+@pytest.fixture(scope="module")
+def small_problem():
+    """The digits MLP benchmark's problem with a narrow model and small batches."""
+    full = mlp.problem(batch_size=32)
+    model = mlp.MLP(hidden=(16,))
+
+    def loss_fn(params, x, y):
+        return oek.softmax_cross_entropy(model.apply({"params": params}, x), y)
+
+    params = model.init(jax.random.key(0), full.train[0][:1])["params"]
+    return harness.Problem(
+        name="smoke",
+        title="smoke MLP",
+        loss_fn=loss_fn,
+        params=params,
+        train=full.train,
+        test=full.test,
+        batch_size=32,
+        target_loss=2.0,
+        eval_size=256,
+    )
+
+
+def test_compare_runs_every_optimizer_with_one_trace(small_problem, tmp_path):
+    optimizers = [
+        harness.ekfac(
+            [
+                {"learning_rate": 1e-3, "damping": 1e-2},
+                {"learning_rate": 3e-3, "damping": 1e-2},
+            ],
+            eigen_update_every=2,
+        ),
+        harness.adam([1e-2]),
+    ]
+    settings = harness.Settings(steps=6, warmup_steps=2, eval_every=3)
+    results = harness.compare(small_problem, optimizers, settings, log=lambda _: None)
+
+    ekfac = results["optimizers"]["EKFAC"]
+    assert ekfac["traces"] == 1  # one compiled step serves the whole sweep
+    assert len(ekfac["runs"]) == 2
+    run = ekfac["runs"][0]
+    assert len(run["step_seconds"]) == 6
+    assert run["curve"]["step"] == [0, 3, 6]
+    assert np.isfinite(run["final_train_loss"])
+    assert run["final_train_loss"] < run["curve"]["train_loss"][0]
+    assert ekfac["memory"]["peak_bytes"] > 0
+    summary = results["summary"]
+    assert summary["Adam"]["median_step_ratio_to_adam"] == pytest.approx(1.0)
+    assert summary["EKFAC"]["median_step_ratio_to_adam"] > 0
+
+    paths = harness.save(results, tmp_path)
+    assert sorted(p.name for p in paths) == ["smoke.json", "smoke.png"]
+    saved = json.loads((tmp_path / "smoke.json").read_text())
+    assert saved["summary"]["EKFAC"]["traces"] == 1
+    assert harness.time_to_target_target(results)["status"] in (
+        "MET",
+        "MISSED",
+        "NOT MEASURABLE",
+    )
+
+
+def test_flop_model_counts_the_issue_terms():
+    class TwoLayers(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(3)(nn.Dense(4)(x))
+
+    x = np.ones((5, 2), np.float32)
+    model = TwoLayers()
+    params = model.init(jax.random.key(0), x)["params"]
+
+    def loss_fn(params, x, targets):
+        return oek.squared_error(model.apply({"params": params}, x), targets)
+
+    layers = oek.Curvature(loss_fn).layers(params, x, np.zeros((5, 3), np.float32))
+    flops = cost.flop_model(layers, 5, stats_update_every=2, eigen_update_every=4)
+    blocks = [(3, 4), (5, 3)]  # (d_in + 1, d_out)
+    assert flops["forward_backward"] == sum(6 * 5 * i * o for i, o in blocks)
+    assert flops["factors"] == sum(5 * (i * i + o * o) / 2 for i, o in blocks)
+    assert flops["scalings"] == flops["factors"]
+    assert flops["eigh"] == sum(9 * (i**3 + o**3) / 4 for i, o in blocks)
+    assert flops["preconditioning"] == sum(4 * i * o * (i + o) for i, o in blocks)
+    assert flops["ekfac"] == pytest.approx(
+        sum(
+            flops[k]
+            for k in (
+                "forward_backward",
+                "factors",
+                "scalings",
+                "eigh",
+                "preconditioning",
+            )
+        )
+    )
