@@ -350,21 +350,38 @@ class Curvature:
         (losses, sampled_sums), backward, (inputs, aux) = jax.vjp(
             losses_and_sampled, params, perturbations, has_aux=True
         )
-        mean_cotangent = jnp.full(losses.shape, 1 / losses.size, losses.dtype)
+        # full_like: a cotangent has the losses' type, sharding included.
+        mean_cotangent = jnp.full_like(losses, 1 / losses.size)
         grads, _ = backward((mean_cotangent, jnp.zeros_like(sampled_sums)))
 
         def sampled_output_grads(sample_indicator):
             return backward((jnp.zeros_like(losses), sample_indicator))[1]
 
-        # Their parameter cotangents are unused: jit removes them.
-        stacked = jax.vmap(sampled_output_grads)(
-            jnp.eye(num_samples, dtype=sampled_sums.dtype)
+        # Their parameter cotangents are unused: jit removes them. A loop, not
+        # vmap: JAX cannot batch the transposed convolutions of a sharded batch.
+        stacked = jax.lax.map(
+            sampled_output_grads, jnp.eye(num_samples, dtype=sampled_sums.dtype)
         )
-        output_grads = tuple(g.reshape((-1,) + g.shape[2:]) for g in stacked)
+        output_grads = tuple(_samples_as_examples(g) for g in stacked)
         inputs = tuple(
-            jnp.tile(x, (num_samples,) + (1,) * (x.ndim - 1)) for x in inputs
+            _samples_as_examples(jnp.broadcast_to(x, (num_samples,) + x.shape))
+            for x in inputs
         )
         return jnp.mean(losses), aux, grads, inputs, output_grads
+
+
+def _samples_as_examples(stacked: jax.Array) -> jax.Array:
+    """`[S, N, ...]` -> `[S * N, ...]` (sample-major), sharded like the examples.
+
+    Under an explicit mesh the merged axis takes the example axis' sharding:
+    with one sample a free reshape; with more, JAX moves rows between devices.
+    """
+    sharding = jax.typeof(stacked).sharding
+    example_axes = (tuple(sharding.spec) + (None,) * stacked.ndim)[1 : stacked.ndim]
+    merged = jax.sharding.NamedSharding(
+        sharding.mesh, jax.sharding.PartitionSpec(*example_axes)
+    )
+    return jnp.reshape(stacked, (-1,) + stacked.shape[2:], out_sharding=merged)
 
 
 def _layers_from_calls(calls: list[_Call], params: optax.Params) -> Layers:

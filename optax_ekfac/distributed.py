@@ -72,8 +72,8 @@ def map_over_axis(
     """`[fn(x) for x in operands]`, each device of `axis_name` computing a share.
 
     The operands must be the same on every device (replicated), as the
-    results are. Call it under `jax.jit` with the mesh set (`jax.set_mesh`);
-    without it, or with one device on the axis, it is the plain comprehension.
+    results are. The mesh comes from the context (`jax.set_mesh`); without
+    one, or with one device on the axis, it is the plain comprehension.
 
     Args:
         fn: maps one operand to a pytree of arrays.

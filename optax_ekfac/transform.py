@@ -113,6 +113,9 @@ def scale_by_ekfac(
     weight_sharing: str = "expand",
     max_per_example_elements: int | None = None,
     factor_dtype: Any = None,
+    eigh_dtype: Any = None,
+    distribute_eigh: bool = True,
+    axis_name: str = "data",
 ) -> optax.GradientTransformationExtraArgs:
     """Preconditions gradients with EKFAC (George et al., 2018).
 
@@ -166,11 +169,25 @@ def scale_by_ekfac(
             right when one loss term pools over the positions (a sequence or
             image classifier), and cheaper. Embeddings always use `"expand"`.
         max_per_example_elements: the most elements the per-example projected
-            gradients of one chunk may hold, for `scalings="exact"`; None for
-            `2**22`. It sets array shapes, so under `optax.inject_hyperparams`
-            name it in `static_args`.
+            gradients of one chunk may hold (per device, with the batch
+            sharded), for `scalings="exact"`; None for `2**22`. It sets array
+            shapes, so under `optax.inject_hyperparams` name it in
+            `static_args`.
         factor_dtype: dtype of the curvature state; by default each block's
-            kernel dtype promoted to at least float32.
+            kernel dtype promoted to at least float32 (bfloat16 activations
+            then still give float32 factors).
+        eigh_dtype: `jnp.float32` or `jnp.float64` (or their names): the
+            dtype the factors are eigendecomposed in (the bases are stored in
+            `factor_dtype`); None for the factor dtype. float64 needs
+            `jax_enable_x64`. Under `optax.inject_hyperparams`, name it in
+            `static_args`.
+        distribute_eigh: spread the eigendecompositions over the devices of
+            the mesh axis `axis_name` (each decomposes about `1/D` of the
+            factors, balanced by cost, and the results are shared) instead of
+            every device repeating all of them. Takes the mesh from the
+            context (`jax.set_mesh`) when the step is traced; without one, or
+            with one device on that axis, every device decomposes everything.
+        axis_name: the mesh axis the batch is sharded over (data parallelism).
 
     Returns:
         An `optax.GradientTransformationExtraArgs`.
@@ -197,6 +214,19 @@ def scale_by_ekfac(
             raise ValueError(
                 f"scale_by_ekfac: {name} must be one of {allowed}, got {value!r}."
             )
+    if eigh_dtype is not None:
+        eigh_dtype = jnp.dtype(eigh_dtype)
+        if eigh_dtype not in (jnp.float32, jnp.float64):
+            raise ValueError(
+                "scale_by_ekfac: eigh_dtype must be jnp.float32 or jnp.float64 "
+                f"(or None for the factor dtype), got {eigh_dtype}."
+            )
+        if eigh_dtype == jnp.float64 and not jax.config.jax_enable_x64:
+            raise ValueError(
+                "scale_by_ekfac: eigh_dtype=float64 needs 64-bit JAX: call "
+                "jax.config.update('jax_enable_x64', True) at startup, or use "
+                "float32; without it JAX would silently compute in float32."
+            )
     settings = _Settings(
         decay=decay,
         eigenvalue_correction=eigenvalue_correction,
@@ -207,6 +237,9 @@ def scale_by_ekfac(
             if max_per_example_elements is None
             else max_per_example_elements
         ),
+        eigh_dtype=eigh_dtype,
+        distribute_eigh=bool(distribute_eigh),
+        axis_name=axis_name,
     )
     if not isinstance(layers, Layers):
         raise TypeError(
@@ -227,8 +260,14 @@ def scale_by_ekfac(
             "/".join(path): jnp.zeros(leaves[path].shape, dtype_of(leaves[path]))
             for path in layers.fallback
         }
-        zero = jnp.zeros([], jnp.int32)
-        return ScaleByEkfacState(zero, zero, zero, zero, blocks, second_moments)
+        # One array per counter: a state holding one buffer twice cannot be
+        # donated (jit(..., donate_argnums=...)).
+        count, stats_count, scalings_count, skipped_steps = (
+            jnp.zeros([], jnp.int32) for _ in range(4)
+        )
+        return ScaleByEkfacState(
+            count, stats_count, scalings_count, skipped_steps, blocks, second_moments
+        )
 
     def update_fn(
         updates: optax.Updates,
@@ -636,27 +675,30 @@ def _batch_scalings(
         )
     return (
         _sum_of_squared_per_example_gradients(
-            projected_inputs, projected_outputs, settings.max_per_example_elements
+            projected_inputs,
+            projected_outputs,
+            settings.max_per_example_elements,
+            settings.axis_name,
         )
         / num_examples
     )
 
 
 def _sum_of_squared_per_example_gradients(
-    inputs: jax.Array, outputs: jax.Array, max_elements: int
+    inputs: jax.Array, outputs: jax.Array, max_elements: int, axis_name: str
 ) -> jax.Array:
     """`Σ_n (Σ_p a_{n,p} d_{n,p}ᵀ)²` in chunks of at most `max_elements`.
 
     The examples are grouped by the shard of the example axis that holds them
-    (one group unless the batch is sharded under an explicit mesh) and each
-    group is cut into chunks: every scan step takes one chunk of every shard,
-    so each device works on its own examples at every step, keeps its partial
-    sum, and the shards are summed once at the end. The bound holds per shard.
+    (see `_example_shards`) and each group is cut into chunks: every scan
+    step takes one chunk of every shard, so each device works on its own
+    examples at every step, keeps its partial sum, and the shards are summed
+    once at the end. The bound holds per shard.
     """
     num_examples, num_positions, input_dim = inputs.shape
     output_dim = outputs.shape[-1]
     example_sharding = jax.typeof(inputs).sharding
-    num_shards = num_examples // example_sharding.shard_shape(inputs.shape)[0]
+    num_shards = _example_shards(inputs, axis_name)
     per_shard = num_examples // num_shards
     chunk = max(1, min(per_shard, max_elements // (input_dim * output_dim)))
 
@@ -688,6 +730,26 @@ def _sum_of_squared_per_example_gradients(
     )
     total, _ = jax.lax.scan(add_chunk, initial, (chunked(inputs), chunked(outputs)))
     return total.sum(0)
+
+
+def _example_shards(rows: jax.Array, axis_name: str) -> int:
+    """Into how many shards the example axis (axis 0) of `rows` is split.
+
+    An explicit mesh says so in the type. An auto one (GSPMD) does not: with
+    `axis_name` in the ambient mesh, the batch is taken to be split over it,
+    as data parallelism does (a wrong guess only reorders the chunks).
+    """
+    num_examples = rows.shape[0]
+    num_shards = num_examples // jax.typeof(rows).sharding.shard_shape(rows.shape)[0]
+    mesh = jax.sharding.get_abstract_mesh()
+    if (
+        num_shards == 1
+        and axis_name in mesh.axis_names
+        and axis_name in mesh.auto_axes
+        and num_examples % mesh.shape[axis_name] == 0
+    ):
+        num_shards = mesh.shape[axis_name]
+    return num_shards
 
 
 def _sum_over_examples(subscripts: str, *operands: jax.Array) -> jax.Array:
