@@ -146,7 +146,10 @@ def scale_by_ekfac(
             units, constant inputs) stay finite but can grow large. May be
             scheduled with `optax.inject_hyperparams` (scheduled values are
             not range-checked).
-        decay: running-average decay of factors and scalings, in `[0, 1)`.
+        decay: running-average decay of factors and scalings per update, in
+            `[0, 1)`: with `stats_update_every = k` each refresh decays by
+            `decay**k`, so the averages span the same number of updates
+            whatever `k` is.
         eigen_update_every: eigendecompose the factors at the first update and
             then every this many updates. A multiple of `stats_update_every`.
         stats_update_every: refresh factors and scalings every this many
@@ -227,8 +230,10 @@ def scale_by_ekfac(
                 "jax.config.update('jax_enable_x64', True) at startup, or use "
                 "float32; without it JAX would silently compute in float32."
             )
+    # Decay per update, not per refresh: refreshes k updates apart decay by d^k.
+    refresh_decay = decay**stats_update_every
     settings = _Settings(
-        decay=decay,
+        decay=refresh_decay,
         eigenvalue_correction=eigenvalue_correction,
         exact_scalings=scalings == "exact",
         reduce_positions=weight_sharing == "reduce",
@@ -306,7 +311,7 @@ def scale_by_ekfac(
                 key: _ema(
                     moment,
                     stats.num_terms * jnp.square(grads[tuple(key.split("/"))]),
-                    decay,
+                    refresh_decay,
                     stats_count,
                 )
                 for key, moment in second_moments.items()

@@ -98,6 +98,13 @@ def test_flop_model_counts_the_issue_terms():
     assert flops["scalings"] == flops["factors"]
     assert flops["eigh"] == sum(9 * (i**3 + o**3) / 4 for i, o in blocks)
     assert flops["preconditioning"] == sum(4 * i * o * (i + o) for i, o in blocks)
+    counted = cost.flop_model(
+        layers, 5, stats_update_every=2, eigen_update_every=4, counted=True
+    )
+    assert counted["factors"] == 2 * flops["factors"]
+    assert counted["scalings"] == 2 * flops["scalings"] + sum(
+        2 * 5 * i * o / 2 for i, o in blocks
+    )
     assert flops["ekfac"] == pytest.approx(
         sum(
             flops[k]

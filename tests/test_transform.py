@@ -324,3 +324,26 @@ def test_missing_or_foreign_stats_are_refused(setup):
 def test_bad_hyperparameters_are_refused(setup, settings, message):
     with pytest.raises(ValueError, match=message):
         oek.scale_by_ekfac(setup["layers"], **settings)
+
+
+def test_decay_is_per_update_when_statistics_are_amortized(setup):
+    # Refreshes two updates apart decay by decay**2: the averaging window is
+    # counted in updates, whatever stats_update_every is.
+    decay, every = 0.9, 2
+    tx = oek.scale_by_ekfac(
+        setup["layers"], decay=decay, stats_update_every=every, eigen_update_every=100
+    )
+    batches = [_batch(16, seed=30 + step) for step in range(3)]
+    state = tx.init(setup["params"])
+    for batch in batches:
+        state = _update(setup, tx, batch=batch, state=state)[1]
+    refresh_decay = decay**every
+    first, third = (setup["references"](*batches[i]) for i in (0, 2))
+    for name in first:
+        expected = (
+            refresh_decay * (1 - refresh_decay) * first[name]["input_factor"]
+            + (1 - refresh_decay) * third[name]["input_factor"]
+        ) / (1 - refresh_decay**2)
+        chex.assert_trees_all_close(
+            state.blocks[name].input_factor, expected, rtol=1e-10
+        )
