@@ -62,16 +62,11 @@ def optimizers(quick: bool) -> list[harness.Optimizer]:
     ]
     adam_learning_rates = [3e-3, 1e-2, 3e-2, 1e-1]
     sgd_learning_rates = [0.03, 0.1, 0.3]
-    if quick:
-        ekfac_sweep, adam_learning_rates, sgd_learning_rates = (
-            ekfac_sweep[1:3],
-            adam_learning_rates[1:3],
-            sgd_learning_rates[1:3],
-        )
     return harness.standard_optimizers(
         ekfac_sweep=ekfac_sweep,
         adam_learning_rates=adam_learning_rates,
         sgd_learning_rates=sgd_learning_rates,
+        quick_settings=slice(1, 3) if quick else None,
         eigen_update_every=10,
         weight_sharing="reduce",
     )

@@ -185,13 +185,20 @@ def standard_optimizers(
     adam_learning_rates: Sequence[float],
     sgd_learning_rates: Sequence[float],
     kfac_sweep: Sequence[Hyperparameters] | None = None,
+    quick_settings: slice | None = None,
     **ekfac_settings: Any,
 ) -> list[Optimizer]:
     """EKFAC, KFAC (the same code path), Adam and SGD with momentum.
 
+    `quick_settings` keeps that slice of every sweep (a `--quick` run).
     `ekfac_settings` (`fisher_type`, and keyword arguments of
     `optax_ekfac.scale_by_ekfac`) apply to both EKFAC and KFAC.
     """
+    if quick_settings is not None:
+        ekfac_sweep = ekfac_sweep[quick_settings]
+        kfac_sweep = None if kfac_sweep is None else kfac_sweep[quick_settings]
+        adam_learning_rates = adam_learning_rates[quick_settings]
+        sgd_learning_rates = sgd_learning_rates[quick_settings]
     return [
         ekfac(ekfac_sweep, **ekfac_settings),
         ekfac(
