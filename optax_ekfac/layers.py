@@ -30,6 +30,7 @@ matrix. `capture.py` uses the first; `transform.py` the rest.
 """
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
@@ -504,36 +505,60 @@ def _conv_patches(block: Block, inputs: jax.Array) -> jax.Array:
     """Image patches `[N, *out_spatial, G, K * C_in/G]`, rows ordered like the
     kernel `(*kernel_size, C_in/G)` flattened."""
     kernel_size, strides, padding, input_dilation, kernel_dilation = block.config
-    num_spatial = len(kernel_size)
+    dilated_kernel = [(k - 1) * d + 1 for k, d in zip(kernel_size, kernel_dilation)]
     if padding in ("CIRCULAR", "REFLECT", "CAUSAL"):
         # As flax.linen.Conv does: pad explicitly, then convolve VALID.
-        dilated = [(k - 1) * d + 1 for k, d in zip(kernel_size, kernel_dilation)]
         if padding == "CAUSAL":
-            pads = [(dilated[0] - 1, 0)]
+            pads = [(dilated_kernel[0] - 1, 0)]
             mode = "constant"
         else:
-            pads = [((k - 1) // 2, k // 2) for k in dilated]
+            pads = [((k - 1) // 2, k // 2) for k in dilated_kernel]
             mode = {"CIRCULAR": "wrap", "REFLECT": "reflect"}[padding]
         inputs = jnp.pad(inputs, [(0, 0)] + pads + [(0, 0)], mode=mode)
         padding = "VALID"
-    spatial = "ABDEFGHJKL"[:num_spatial]  # any letters but N, C, I, O
-    patches = jax.lax.conv_general_dilated_patches(
-        inputs,
-        filter_shape=kernel_size,
-        window_strides=strides,
-        padding=padding,
-        lhs_dilation=input_dilation,
-        rhs_dilation=kernel_dilation,
-        dimension_numbers=("N" + spatial + "C", spatial + "IO", "N" + spatial + "C"),
-        precision=jax.lax.Precision.HIGHEST,
+    # Explicit padding, with input dilation as interior padding, then one
+    # strided slice per kernel offset: a copy, where conv_general_dilated_patches
+    # would convolve with an identity filter (K*C times the work).
+    if isinstance(padding, str):  # "SAME" or "VALID"
+        dilated_input = [
+            (size - 1) * d + 1 for size, d in zip(inputs.shape[1:-1], input_dilation)
+        ]
+        padding = jax.lax.padtype_to_pads(
+            dilated_input, dilated_kernel, strides, padding
+        )
+    pad_config = (
+        [(0, 0, 0)]
+        + [(low, high, d - 1) for (low, high), d in zip(padding, input_dilation)]
+        + [(0, 0, 0)]
     )
-    # Patch features come channel-major (c * K + k); the kernel is (k, c).
-    channels = inputs.shape[-1]
-    group_channels = channels // block.num_groups
-    patches = patches.reshape(
-        patches.shape[:-1] + (block.num_groups, group_channels, -1)
-    )
-    patches = jnp.swapaxes(patches, -1, -2)
+    inputs = jax.lax.pad(inputs, jnp.zeros((), inputs.dtype), pad_config)
+    out_spatial = [
+        (size - k) // s + 1
+        for size, k, s in zip(inputs.shape[1:-1], dilated_kernel, strides)
+    ]
+    slices = []
+    for offset in itertools.product(*(range(k) for k in kernel_size)):
+        starts = [o * d for o, d in zip(offset, kernel_dilation)]
+        slices.append(
+            jax.lax.slice(
+                inputs,
+                [0, *starts, 0],
+                [
+                    inputs.shape[0],
+                    *(
+                        st + (n - 1) * s + 1
+                        for st, n, s in zip(starts, out_spatial, strides)
+                    ),
+                    inputs.shape[-1],
+                ],
+                [1, *strides, 1],
+            )
+        )
+    patches = jnp.stack(slices, axis=-2)  # [N, *out_spatial, K, C]
+    # Rows ordered like the kernel (*kernel_size, C_in/G), one set per group.
+    group_channels = inputs.shape[-1] // block.num_groups
+    patches = patches.reshape(patches.shape[:-1] + (block.num_groups, group_channels))
+    patches = jnp.moveaxis(patches, -2, -3)  # [N, *out_spatial, G, K, Cg]
     patches = patches.reshape(patches.shape[:-2] + (-1,))
     if not block.grouped:
         return patches[..., 0, :]
