@@ -19,22 +19,17 @@ Usage:
 """
 
 import argparse
-import time
 
+import compare
 import flax.linen as nn
 import jax
-import matplotlib
 import numpy as np
 import optax
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from threadpoolctl import threadpool_limits
-from tqdm import tqdm
 
 import optax_ekfac as oek
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 
 class Autoencoder(nn.Module):
@@ -111,16 +106,13 @@ def main():
 
     rows, curves = [], {}
     for name, tx, step in [("ekfac", ekfac, ekfac_step), ("adam", adam, adam_step)]:
-        params, opt_state = init_params, tx.init(init_params)
-        start = time.perf_counter()
-        step = jax.jit(step).lower(params, opt_state, x_train[batches[0]]).compile()
-        compile_seconds = time.perf_counter() - start
-        losses, seconds = [], []
-        for batch in tqdm(batches, desc=name):
-            start = time.perf_counter()
-            params, opt_state, loss = step(params, opt_state, x_train[batch])
-            losses.append(float(loss))  # float() waits for the step to finish
-            seconds.append(time.perf_counter() - start)
+        params, losses, seconds, compile_seconds = compare.train(
+            name,
+            step,
+            init_params,
+            tx.init(init_params),
+            [(x_train[batch],) for batch in batches],
+        )
         train_loss = evaluate(params, x_train)
         test_loss = evaluate(params, x_test)
         step_ms, wall = 1e3 * np.median(seconds), sum(seconds)
@@ -128,7 +120,7 @@ def main():
             f"{name:<10}{train_loss:>11.4f}{test_loss:>10.4f}"
             f"{step_ms:>9.2f}{wall:>8.2f}{compile_seconds:>11.2f}"
         )
-        curves[name] = (losses, np.cumsum(seconds))
+        curves[name] = (losses, seconds)
 
     print(f"\n{args.steps} steps, batch size {args.batch_size}")
     print(
@@ -137,17 +129,12 @@ def main():
     )
     print("\n".join(rows))
 
-    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for name, (losses, elapsed) in curves.items():
-        by_step.plot(range(1, len(losses) + 1), losses, label=name)
-        by_time.plot(elapsed, losses, label=name)
-    by_step.set(xlabel="step", ylabel="mini-batch reconstruction loss", yscale="log")
-    by_time.set(xlabel="seconds (compilation excluded)")
-    by_step.legend()
-    fig.suptitle(f"Autoencoder on sklearn digits, batch size {args.batch_size}")
-    fig.tight_layout()
-    fig.savefig(args.out, dpi=120)
-    print(f"plot saved to {args.out}")
+    compare.plot_losses(
+        curves,
+        "mini-batch reconstruction loss",
+        f"Autoencoder on sklearn digits, batch size {args.batch_size}",
+        args.out,
+    )
 
 
 if __name__ == "__main__":
