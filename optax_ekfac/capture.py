@@ -40,14 +40,29 @@ FISHER_TYPES = ("empirical", "mc")
 class Statistics(NamedTuple):
     """The statistics of one batch, as `scale_by_ekfac` takes them.
 
+    The curvature is that of the loss `loss_fn` defines, the mean over its
+    `N` loss terms: the output-gradient factors and the scalings sum over the
+    rows and divide by `N` (times `S` label samples for the Monte-Carlo
+    Fisher), not by the number of examples. A `[B, T]` token loss and the
+    same model written on `[B * T]` rows get the same factors.
+
     Attributes:
         layers: block name -> one `LayerStats` per call of that block, in call
             order (a module called twice has two entries).
         num_terms: `N`, the number of loss terms the batch loss averages.
+        num_samples: `S`, the label samples per loss term whose output
+            gradients the rows hold (`fisher_type="mc"`); 1 for the empirical
+            Fisher.
     """
 
     layers: dict[str, tuple[LayerStats, ...]]
     num_terms: int
+    num_samples: int = 1
+
+    @property
+    def num_sampled_terms(self) -> int:
+        """`S * N`: what the sums over the rows' output gradients divide by."""
+        return self.num_terms * self.num_samples
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +74,7 @@ class _Call:
     kind: str
     method: str
     shape: layers_lib.CallShape
+    inputs: jax.ShapeDtypeStruct
     outputs: jax.ShapeDtypeStruct
 
 
@@ -108,10 +124,11 @@ class _Interceptor:
                 )
             outputs = outputs + self.perturbations[index]
         shape = jax.ShapeDtypeStruct
+        input_shape = shape(inputs.shape, inputs.dtype)
         call_shape = layers_lib.describe_call(
             kind,
             context.module,
-            shape(inputs.shape, inputs.dtype),
+            input_shape,
             shape(outputs.shape, outputs.dtype),
             name=name,
         )
@@ -122,6 +139,7 @@ class _Interceptor:
                 kind=kind,
                 method=context.method_name,
                 shape=call_shape,
+                inputs=input_shape,
                 outputs=shape(
                     outputs.shape, outputs.dtype, sharding=jax.typeof(outputs).sharding
                 ),
@@ -223,8 +241,10 @@ class Curvature:
             raise ValueError(f"loss_fn returned losses of dtype {losses.dtype}.")
         return losses, aux
 
-    def _trace_calls(self, params, batch) -> tuple[list[_Call], int]:
-        """The block calls and the number of loss terms, from shapes alone."""
+    def _trace_calls(
+        self, params, batch
+    ) -> tuple[list[_Call], jax.ShapeDtypeStruct]:
+        """The block calls and the losses' shape, from shapes alone."""
         interceptor = _Interceptor()
         losses = jax.eval_shape(
             lambda p, b: self._losses(p, b, interceptor)[0], params, batch
@@ -235,10 +255,13 @@ class Curvature:
                 f"{SUPPORTED}). Does loss_fn apply the model it is given?"
             )
         _check_loss_terms(losses.shape, batch)
-        return interceptor.calls, losses.size
+        return interceptor.calls, losses
 
     def layers(self, params: optax.Params, *batch: Any) -> Layers:
-        """Describes the blocks of the model, tracing `loss_fn` once (no FLOPs).
+        """Describes the blocks of the model, tracing `loss_fn` (no FLOPs).
+
+        `loss_fn` is traced twice, for shapes only: the second time on a batch
+        twice as large, to refuse layers whose input has no example axis.
 
         Args:
             params: the model's `"params"` collection.
@@ -247,8 +270,55 @@ class Curvature:
         Returns:
             A printable `Layers` table to pass to `scale_by_ekfac`.
         """
-        calls, _ = self._trace_calls(params, batch)
+        calls, losses = self._trace_calls(params, batch)
+        self._check_example_axes(params, batch, calls, losses)
         return _layers_from_calls(calls, params)
+
+    def _check_example_axes(self, params, batch, calls, losses) -> None:
+        """Raises for a captured call whose leading axis is not the examples'.
+
+        The capture takes the leading axis of every layer input as the
+        example axis. Learned positions written `nn.Embed(T, F)(jnp.arange(T))`
+        (or `jnp.arange(T)[None]`), a time-major `[T, B, F]` input or a shared
+        query token have none: their output gradients are sums over the batch,
+        and the per-example statistics would be silently wrong. Tracing
+        `loss_fn` again (shapes only) on a batch twice as large tells them
+        apart: an example axis, `[B]` or `[B * T]` rows, grows with the batch.
+        """
+        batch_size = _batch_size(batch, losses.shape)
+        if batch_size is None:
+            return
+
+        def doubled(leaf):
+            if jnp.ndim(leaf) and jnp.shape(leaf)[0] == batch_size:
+                shape = (2 * batch_size,) + tuple(jnp.shape(leaf)[1:])
+                return jax.ShapeDtypeStruct(shape, jnp.result_type(leaf))
+            return leaf
+
+        try:
+            doubled_calls, _ = self._trace_calls(params, jax.tree.map(doubled, batch))
+        except Exception:  # loss_fn fixes the batch size somewhere: can't tell
+            return
+
+        def rows(call):
+            return call.inputs.shape[0] if call.inputs.ndim else 1
+
+        for call, doubled_call in zip(calls, doubled_calls):
+            if rows(doubled_call) != 2 * rows(call) or rows(call) % batch_size:
+                raise ValueError(
+                    f"{call.name}: this {call.kind} layer's input has shape "
+                    f"{call.inputs.shape} for a batch of {batch_size} examples; its "
+                    "leading axis does not follow the batch (a batch of "
+                    f"{2 * batch_size} gives {doubled_call.inputs.shape}). The "
+                    "capture takes a layer input's leading axis as the example "
+                    "axis, so this layer's per-example output gradients would "
+                    "mix the examples (sums over the batch). Keep the batch "
+                    "axis first in every captured layer's input (no time-major "
+                    "inputs); for learned positions write nn.Embed(T, F)("
+                    "jnp.broadcast_to(jnp.arange(T), (B, T))) instead of "
+                    "nn.Embed(T, F)(jnp.arange(T)) or jnp.arange(T)[None], or "
+                    "make them a plain self.param (diagonal fallback)."
+                )
 
     def value_grad_and_stats(
         self, params: optax.Params, *batch: Any, key: jax.Array | None = None
@@ -275,7 +345,8 @@ class Curvature:
                 "key, value_grad_and_stats(params, *batch, key=key), a fresh "
                 "one every step."
             )
-        calls, num_terms = self._trace_calls(params, batch)
+        calls, losses = self._trace_calls(params, batch)
+        num_terms = losses.size
         perturbations = tuple(
             # In the output's sharding: under an explicit mesh the cotangent
             # takes the perturbation's type, and a replicated one would gather
@@ -315,6 +386,7 @@ class Curvature:
         stats = Statistics(
             layers={name: tuple(calls) for name, calls in per_block.items()},
             num_terms=num_terms,
+            num_samples=self.num_samples,
         )
         return ((loss, aux) if self.has_aux else loss), grads, stats
 
@@ -443,6 +515,24 @@ def _check_param(name: str, path, shape, leaves) -> None:
             f"{name}: params hold {'/'.join(path)} of shape {held}, the layer's "
             f"calls need {tuple(shape)}; are these the params loss_fn applies?"
         )
+
+
+def _batch_size(batch: tuple, loss_shape: tuple[int, ...]) -> int | None:
+    """The number of examples `B` in `batch`, or None where it can't be told.
+
+    `B` is the losses' leading size when a batch argument shares it (`[B]` or
+    `[B, T]` losses), else the leading size every batch argument with an axis
+    shares (`[B * T]` losses); otherwise (a lookup table or raw positions
+    among the arguments, flattened losses) it is unknown.
+    """
+    leading_sizes = {
+        jnp.shape(leaf)[0] for leaf in jax.tree.leaves(batch) if jnp.ndim(leaf)
+    }
+    if loss_shape and loss_shape[0] in leading_sizes:
+        return loss_shape[0]
+    if len(leading_sizes) == 1:
+        return next(iter(leading_sizes))
+    return None
 
 
 def _check_loss_terms(loss_shape: tuple[int, ...], batch: tuple) -> None:

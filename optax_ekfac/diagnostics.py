@@ -1,14 +1,15 @@
 """Diagnostics: cheap views of the captured statistics and of the curvature.
 
 The statistics of a batch already hold every block's per-example gradients:
-`G_n = Σ_p a_{n,p} d_{n,p}ᵀ` from the input rows `a` and output rows `d` of
-`layers.example_rows` (the Goodfellow trick, one einsum). From them:
+`G_n = Σ_p a_{n,p} d_{n,p}ᵀ` from the input rows `a` and output rows `d`
+(`layers.per_example_block_gradients`, the one implementation the optimizer's
+rows come from too; a tied embedding's `attend` calls included). From them:
 
 * `per_example_gradients` and `gradient_variance`, in the parameters' shapes;
 * for small models, dense `(D, D)` blocks, `D = input_dim * output_dim`, with
   `vec` row-major over the block matrix `(input_dim, output_dim)`:
   `fisher_block` (the exact Fisher the statistics estimate,
-  `mean_n vec(G_n) vec(G_n)ᵀ`), `kfac_block` (`A ⊗ B`) and `ekfac_block`
+  `(1/N) Σ_n vec(G_n) vec(G_n)ᵀ` over the `N` loss terms), `kfac_block` (`A ⊗ B`) and `ekfac_block`
   (`(U_A ⊗ U_B) diag(vec S) (U_A ⊗ U_B)ᵀ`) from an optimizer state, and
   `frobenius_distances` between the three.
 
@@ -46,8 +47,9 @@ def per_example_gradients(
         A params-like nested dict holding the parameters that blocks own (not
         the diagonal fallback's), each with a leading example axis: `[N, ...]`
         (`[S * N, ...]` for Monte-Carlo statistics). From empirical statistics
-        these are `jax.vmap(jax.grad(loss_of_one_example))`, and their mean
-        over examples is the batch gradient.
+        these are `jax.vmap(jax.grad(loss_of_one_example))`, an example's loss
+        being the sum of its loss terms; their sum over the examples divided
+        by `stats.num_terms` is the batch gradient.
 
     Example:
         >>> loss, grads, stats = curvature.value_grad_and_stats(params, x, y)
@@ -99,10 +101,12 @@ def fisher_block(block: Block, stats: Statistics) -> jax.Array:
         stats: the statistics of a batch, from `Curvature.value_grad_and_stats`.
 
     Returns:
-        `mean_n vec(G_n) vec(G_n)ᵀ`, `(D, D)` with `D = input_dim * output_dim`
-        and `vec` row-major (`(G, D, D)` for a grouped block): the empirical
-        Fisher from empirical statistics, the Monte-Carlo Fisher of the
-        sampled labels from `fisher_type="mc"` statistics.
+        `(1/N) Σ_n vec(G_n) vec(G_n)ᵀ` over the examples `n`, with `N` the
+        number of loss terms (`stats.num_sampled_terms`: the loss's terms
+        times its label samples), `(D, D)` with `D = input_dim * output_dim`
+        and `vec` row-major (`(G, D, D)` for a grouped block): the Fisher of
+        the mean loss, empirical from empirical statistics, the Monte-Carlo
+        Fisher of the sampled labels from `fisher_type="mc"` statistics.
 
     Example:
         >>> block = layers.blocks[0]
@@ -113,7 +117,7 @@ def fisher_block(block: Block, stats: Statistics) -> jax.Array:
     gradients = _per_example_block_gradients(block, stats)
     flat = gradients.reshape(gradients.shape[: gradients.ndim - 2] + (-1,))
     # [N, (G,) D] -> (G,) D x D
-    return jnp.einsum("n...i,n...j->...ij", flat, flat) / flat.shape[0]
+    return jnp.einsum("n...i,n...j->...ij", flat, flat) / stats.num_sampled_terms
 
 
 def kfac_block(block_state: BlockState) -> jax.Array:
@@ -229,14 +233,11 @@ def frobenius_distances(
 
 
 def _per_example_block_gradients(block: Block, stats: Statistics) -> jax.Array:
-    """`G_n = Σ_p a_{n,p} d_{n,p}ᵀ`: `[N, input_dim, output_dim]` (grouped:
-    `[N, G, input_dim, output_dim]`), in at least float32."""
+    """`G_n`, `[N, input_dim, output_dim]` (grouped: `[N, G, ...]`), in at
+    least float32."""
     block_stats = stats.layers[block.name]
     dtype = jnp.promote_types(block_stats[0].output_grads.dtype, jnp.float32)
-    input_rows, output_rows = layers_lib.example_rows(block, block_stats, dtype)
-    if block.diagonal_input:  # token ids stand for one-hot rows
-        input_rows = jax.nn.one_hot(input_rows, block.input_dim, dtype=dtype)
-    return jnp.einsum("...npi,...npo->n...io", input_rows, output_rows)
+    return layers_lib.per_example_block_gradients(block, block_stats, dtype)
 
 
 def _per_example_leaves(block: Block, stats: Statistics, leaves):

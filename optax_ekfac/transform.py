@@ -6,11 +6,16 @@ Per block, from the rows of a batch of `N` examples with `P` positions each
     A ← EMA  mean_{n,p} a aᵀ                 input factor
     B ← EMA  (1/N) Σ_{n,p} d dᵀ              output factor
     U_A, U_B = eigh(A), eigh(B)              every `eigen_update_every` updates
-    S ← EMA  mean_n (U_Aᵀ G_n U_B)²           scalings, G_n = Σ_p a dᵀ
+    S ← EMA  (1/N) Σ_n (U_Aᵀ G_n U_B)²        scalings, G_n = Σ_p a dᵀ
     G ↦ U_A [(U_Aᵀ G U_B) / (S + λ)] U_Bᵀ
 
-With one position per example (an MLP) `A ⊗ B` is K-FAC's estimate of the
-Fisher `mean_n vec(G_n) vec(G_n)ᵀ`. With weight sharing (sequences, image
+`N` is the number of loss terms the loss averages (`Statistics.num_terms`,
+times the label samples of a Monte-Carlo Fisher), not the number of
+examples: the curvature is the Fisher of the mean loss `loss_fn` defines, so
+`[B, T]` token losses divide by `B * T`, and the same model written on
+`[B * T]` rows gets the same factors. With one loss term and one position per
+example (an MLP) `A ⊗ B` is K-FAC's estimate of the Fisher
+`(1/N) Σ_n vec(G_n) vec(G_n)ᵀ`. With weight sharing (sequences, image
 positions, a module called twice) `A` averages over positions and `B` sums
 over each example's positions: the KFAC-expand convention (Eschenhagen et
 al., 2023), whose `A ⊗ B` is the Fisher when positions are independent;
@@ -301,7 +306,7 @@ def scale_by_ekfac(
             blocks = _refresh_blocks(
                 layers.blocks,
                 blocks,
-                stats.layers,
+                stats,
                 settings,
                 stats_count,
                 scalings_count,
@@ -455,7 +460,7 @@ def _initial_block_state(block: Block, dtype: Any) -> BlockState:
 def _refresh_blocks(
     blocks: tuple[Block, ...],
     states: dict[str, BlockState],
-    stats: dict[str, tuple[LayerStats, ...]],
+    stats: Statistics,
     settings: _Settings,
     stats_count: jax.Array,
     scalings_count: jax.Array,
@@ -469,14 +474,19 @@ def _refresh_blocks(
     rows, factors = {}, {}
     for block in blocks:
         dtype = states[block.name].output_factor.dtype
-        block_stats = stats[block.name]
+        block_stats = stats.layers[block.name]
         rows[block.name] = layers_lib.example_rows(block, block_stats, dtype) + (
             layers_lib.attend_rows(block, block_stats, dtype)
             if block.diagonal_input
             else None,
         )
         factors[block.name] = _refreshed_factors(
-            block, states[block.name], rows[block.name], settings, stats_count
+            block,
+            states[block.name],
+            rows[block.name],
+            stats.num_sampled_terms,
+            settings,
+            stats_count,
         )
 
     def keep(factors):
@@ -497,7 +507,12 @@ def _refresh_blocks(
         input_basis, output_basis, scalings = bases[block.name]
         if settings.eigenvalue_correction:
             scalings = _refreshed_scalings(
-                block, rows[block.name], bases[block.name], settings, scalings_count
+                block,
+                rows[block.name],
+                bases[block.name],
+                stats.num_sampled_terms,
+                settings,
+                scalings_count,
             )
         refreshed[block.name] = BlockState(
             *factors[block.name], input_basis, output_basis, scalings
@@ -509,6 +524,7 @@ def _refreshed_factors(
     block: Block,
     state: BlockState,
     rows: tuple,
+    num_terms: Any,
     settings: _Settings,
     stats_count: jax.Array,
 ) -> tuple[jax.Array, jax.Array]:
@@ -516,7 +532,9 @@ def _refreshed_factors(
     input_rows, output_rows, attend_rows = rows
 
     def batch_factors(input_rows, output_rows):
-        return _batch_factors(block, input_rows, output_rows, attend_rows, settings)
+        return _batch_factors(
+            block, input_rows, output_rows, attend_rows, num_terms, settings
+        )
 
     if block.grouped:
         batch_factors = jax.vmap(batch_factors)
@@ -531,6 +549,7 @@ def _refreshed_scalings(
     block: Block,
     rows: tuple,
     bases: tuple,
+    num_terms: Any,
     settings: _Settings,
     scalings_count: jax.Array,
 ) -> jax.Array:
@@ -546,6 +565,7 @@ def _refreshed_scalings(
             attend_rows,
             input_basis,
             output_basis,
+            num_terms,
             settings,
         )
 
@@ -604,10 +624,16 @@ def _batch_factors(
     input_rows: jax.Array,
     output_rows: jax.Array,
     attend_rows: tuple[jax.Array, jax.Array] | None,
+    num_terms: Any,
     settings: _Settings,
 ) -> tuple[jax.Array, jax.Array]:
     """`A` and `B` of one batch from rows `[N, P, dim]` (embedding: ids `[N, P]`
-    and the rows of its `attend` calls)."""
+    and the rows of its `attend` calls).
+
+    `A` is a mean over the rows; `B` sums the output gradients' outer products
+    and divides by `num_terms`, the loss terms the loss averages (see the
+    module docstring): the loss's scale lives in `B` and in the scalings.
+    """
     num_examples, num_positions = output_rows.shape[:2]
     if block.diagonal_input:
         # One-hot rows: diag(A) counts the tokens; attend rows add their squares.
@@ -625,7 +651,7 @@ def _batch_factors(
             )
         return (
             input_factor / (num_examples * num_positions),
-            output_factor / num_examples,
+            output_factor / num_terms,
         )
     if settings.reduce_positions:
         input_rows = input_rows.mean(1, keepdims=True)
@@ -636,7 +662,7 @@ def _batch_factors(
     input_factor /= flat_inputs.shape[0]
     flat_outputs = output_rows.reshape(-1, block.output_dim)
     output_factor = _sum_over_examples("ni,nj->ij", flat_outputs, flat_outputs)
-    output_factor /= num_examples
+    output_factor /= num_terms
     return input_factor, output_factor
 
 
@@ -647,10 +673,12 @@ def _batch_scalings(
     attend_rows: tuple[jax.Array, jax.Array] | None,
     input_basis: jax.Array | None,
     output_basis: jax.Array,
+    num_terms: Any,
     settings: _Settings,
 ) -> jax.Array:
-    """`mean_n (U_Aᵀ G_n U_B)²` (or its per-position form) of one batch."""
-    num_examples, num_positions = output_rows.shape[:2]
+    """`(1/N) Σ_n (U_Aᵀ G_n U_B)²` (or its per-position form) of one batch,
+    `N = num_terms`."""
+    num_positions = output_rows.shape[1]
     projected_outputs = output_rows @ output_basis
     if block.diagonal_input:
         # Per position: row `id` of S gathers (U_Bᵀ d)² of that token.
@@ -666,7 +694,7 @@ def _batch_scalings(
                 jnp.square(vocabulary_rows),
                 jnp.square(feature_rows @ output_basis),
             )
-        return scalings / num_examples
+        return scalings / num_terms
     projected_inputs = input_rows @ input_basis
     if num_positions == 1 or not settings.exact_scalings:
         # Two matmuls: Σ_{n,p} (U_Aᵀa)² (U_Bᵀd)²ᵀ.
@@ -676,7 +704,7 @@ def _batch_scalings(
                 jnp.square(projected_inputs),
                 jnp.square(projected_outputs),
             )
-            / num_examples
+            / num_terms
         )
     return (
         _sum_of_squared_per_example_gradients(
@@ -685,7 +713,7 @@ def _batch_scalings(
             settings.max_per_example_elements,
             settings.axis_name,
         )
-        / num_examples
+        / num_terms
     )
 
 

@@ -235,14 +235,14 @@ def test_conv_patches_are_the_kernel_jacobian(conv):
         )
 
 
-def _reference_scalings(block, block_state, per_example_blocks):
-    """mean_n (U_Aᵀ G_n U_B)² with G_n from vmap(grad)."""
+def _reference_scalings(block, block_state, per_example_blocks, num_terms):
+    """(1/N) Σ_n (U_Aᵀ G_n U_B)² with G_n from vmap(grad), N loss terms."""
 
     def one_group(state, blocks):
         projected = blocks @ state.output_eigenbasis
         if state.input_eigenbasis is not None:
             projected = jnp.einsum("ji,njo->nio", state.input_eigenbasis, projected)
-        return jnp.square(projected).mean(0)
+        return jnp.square(projected).sum(0) / num_terms
 
     if block.grouped:
         return jax.vmap(one_group, in_axes=(0, 1))(block_state, per_example_blocks)
@@ -260,7 +260,9 @@ def test_exact_scalings_and_update_equal_the_reference(problem):
         if not block.diagonal_input:  # embeddings: per-position, tested below
             chex.assert_trees_all_close(
                 block_state.scalings,
-                _reference_scalings(block, block_state, per_example),
+                _reference_scalings(
+                    block, block_state, per_example, problem["stats"].num_terms
+                ),
                 atol=1e-12,
             )
         # The update is Q (S + λ)⁻¹ Qᵀ g for the mean gradient g.
@@ -316,8 +318,10 @@ def test_factors_follow_the_expand_convention(problem):
         input_factor = jnp.einsum("...npi,...npj->...ij", inputs, inputs) / (
             num_examples * num_positions
         )
+        # Divided by the loss terms, not the examples: the mean loss's Fisher.
         output_factor = (
-            jnp.einsum("...npi,...npj->...ij", outputs, outputs) / num_examples
+            jnp.einsum("...npi,...npj->...ij", outputs, outputs)
+            / problem["stats"].num_terms
         )
         block_state = state.blocks[block.name]
         if block.diagonal_input:
@@ -370,8 +374,10 @@ def test_embed_per_position_scalings_equal_the_reference(name):
     inputs, outputs = _dense_rows(block, stats.layers["embed"])
     block_state = state.blocks["embed"]
     projected = outputs @ block_state.output_eigenbasis  # [N, P, F]
-    # Each position its own example: Σ_{n,p} a² ⊗ (U_Bᵀ d)², over N.
-    expected = jnp.einsum("npv,npf->vf", inputs**2, projected**2) / len(inputs)
+    # Each position its own example: Σ_{n,p} a² ⊗ (U_Bᵀ d)², over N terms.
+    expected = (
+        jnp.einsum("npv,npf->vf", inputs**2, projected**2) / stats.num_terms
+    )
     chex.assert_trees_all_close(block_state.scalings, expected, atol=1e-12)
 
 
