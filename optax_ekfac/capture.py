@@ -227,7 +227,7 @@ class Curvature:
     def _losses(self, params, batch, interceptor):
         interceptor.loss_trace = tracers.current_trace()
         result = self._call_loss_fn(params, batch, interceptor)
-        losses, aux = result if self.has_aux else (result, None)
+        losses, aux = _split_aux(result, self.has_aux)
         losses = jnp.asarray(losses)
         if losses.ndim == 0:
             raise ValueError(
@@ -440,6 +440,35 @@ class Curvature:
             for x in inputs
         )
         return jnp.mean(losses), aux, grads, inputs, output_grads
+
+
+def _split_aux(result: Any, has_aux: bool) -> tuple[Any, Any]:
+    """`(losses, aux)` from what `loss_fn` returned, or a `has_aux` mistake.
+
+    Caught here, at the first trace: unchecked, a forgotten `has_aux=True`
+    reaches `jnp.asarray((losses, aux))`, and a needless one unpacks the
+    losses array, with errors that do not name `has_aux`.
+    """
+    is_pair = isinstance(result, (tuple, list)) and len(result) == 2
+    if has_aux and not is_pair:
+        if isinstance(result, (tuple, list)):
+            returned = f"a {type(result).__name__} of {len(result)} entries"
+        elif hasattr(result, "shape"):
+            returned = f"an array of shape {tuple(result.shape)}"
+        else:
+            returned = f"a {type(result).__name__}"
+        raise ValueError(
+            "Curvature(has_aux=True) needs loss_fn to return (losses, aux), a "
+            f"pair; it returned {returned}. Return (losses, aux), or drop "
+            "has_aux=True if loss_fn returns the losses alone."
+        )
+    if not has_aux and isinstance(result, (tuple, list)):
+        raise ValueError(
+            f"loss_fn returned a {type(result).__name__}; it must return the "
+            "per-example losses as one array. If it returns (losses, aux), "
+            "pass Curvature(loss_fn, has_aux=True)."
+        )
+    return tuple(result) if has_aux else (result, None)
 
 
 def _samples_as_examples(stacked: jax.Array) -> jax.Array:

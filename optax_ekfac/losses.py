@@ -103,11 +103,16 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
     Args:
         logits: `[..., C]` unnormalized log-probabilities.
-        labels: `[...]` integer class indices, or `[..., C]` one-hot (or any
-            probability vectors).
+        labels: `[...]` integer class indices (a trailing axis of size 1,
+            `[..., 1]`, is accepted too; bool counts as 0 and 1), or `[..., C]`
+            one-hot (or any probability vectors).
 
     Returns:
         `[...]` per-example losses.
+
+    Raises:
+        ValueError: `labels` fit neither layout, e.g. floats of shape
+            `logits.shape[:-1]` (class indices must be integers).
 
     Under a Monte-Carlo Fisher capture it also records the losses of classes
     sampled from `softmax(logits)`.
@@ -117,15 +122,9 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
         >>> softmax_cross_entropy(logits, jnp.array([0, 1])).shape
         (2,)
     """
+    labels = _class_labels(logits, jnp.asarray(labels))
     if labels.ndim == logits.ndim:
-        _check_same_shape("softmax_cross_entropy", logits, labels)
         losses = optax.softmax_cross_entropy(logits, labels)
-    elif labels.shape != logits.shape[:-1]:
-        raise ValueError(
-            "softmax_cross_entropy: integer labels must have the shape of "
-            f"logits without its class axis, {logits.shape[:-1]}; got "
-            f"{labels.shape}."
-        )
     else:
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     _record_sampled_losses(
@@ -136,6 +135,38 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
         optax.softmax_cross_entropy_with_integer_labels,
     )
     return losses
+
+
+def _class_labels(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """`labels` as `[...]` integer class indices or `[..., C]` probabilities.
+
+    Raises a ValueError that says what to pass when they are neither.
+    """
+    is_integer = jnp.issubdtype(labels.dtype, jnp.integer) or labels.dtype == bool
+    index_shape = logits.shape[:-1]
+    looks_like_indices = labels.shape == index_shape or (
+        # A column of class indices, as label files and `y[:, None]` give them.
+        labels.shape == index_shape + (1,) and logits.shape[-1] > 1
+    )
+    if looks_like_indices and not is_integer:
+        raise ValueError(
+            f"softmax_cross_entropy: labels of shape {labels.shape} and dtype "
+            f"{labels.dtype} are read as class indices for logits of shape "
+            f"{logits.shape}, and class indices must be integers: pass "
+            "labels.astype(jnp.int32), or one-hot labels (or probabilities) "
+            f"of the logits' shape {logits.shape}."
+        )
+    if looks_like_indices:
+        if labels.shape != index_shape:
+            labels = labels[..., 0]
+        return labels.astype(jnp.int32) if labels.dtype == bool else labels
+    if labels.ndim == logits.ndim:
+        _check_same_shape("softmax_cross_entropy", logits, labels)
+        return labels.astype(logits.dtype) if labels.dtype == bool else labels
+    raise ValueError(
+        "softmax_cross_entropy: integer labels must have the shape of "
+        f"logits without its class axis, {index_shape}; got {labels.shape}."
+    )
 
 
 def squared_error(predictions: jax.Array, targets: jax.Array) -> jax.Array:

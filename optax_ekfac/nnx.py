@@ -164,7 +164,7 @@ class _OverParams(capture.Curvature):
         router = _Router(interceptor, _module_paths(model, params))
         with _calls_routed_to(router):
             result = self.loss_fn(model, *batch)
-        losses, aux = result if self.loss_fn_has_aux else (result, None)
+        losses, aux = capture._split_aux(result, self.loss_fn_has_aux)
         _, _, rest = nnx.split(model, self.wrt, ...)
         return losses, (aux, rest)
 

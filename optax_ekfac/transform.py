@@ -132,9 +132,12 @@ def scale_by_ekfac(
     A step whose gradients or statistics hold a NaN or an infinity is skipped:
     the state stays as it was (factors, eigenbases, scalings, second moments
     and `count`, so the amortization schedule is not shifted) except
-    `skipped_steps`, and the gradients are returned as they came, for
-    `optax.apply_if_finite` (or the caller) to reject. The check is one
-    reduction inside the compiled step.
+    `skipped_steps`, and the gradients are returned as they came (NaN and
+    all), for `optax.apply_if_finite` (or the caller) to reject; if only the
+    statistics are non-finite, the finite gradients pass through
+    unpreconditioned. `ekfac` instead skips the whole step (zero updates,
+    `optax.sgd`'s state unchanged). The check is one reduction inside the
+    compiled step.
 
     The update checks that `stats` hold every block's calls with the feature
     shapes of `layers`; the number of examples may change from batch to batch
@@ -381,6 +384,15 @@ def ekfac(
 ) -> optax.GradientTransformationExtraArgs:
     """EKFAC-preconditioned SGD: `scale_by_ekfac` chained with `optax.sgd`.
 
+    A step whose gradients or statistics hold a NaN or an infinity is skipped
+    as a whole: the updates are zeros, so the parameters stay as they were,
+    and the state is unchanged (`optax.sgd`'s momentum and schedule count
+    included) except `skipped_steps` of the `ScaleByEkfacState`. This holds
+    also when only the statistics are non-finite: the finite gradients are
+    not applied unpreconditioned. The decision is made inside the compiled
+    step. (`scale_by_ekfac` alone returns the gradients of such a step as
+    they came, for `optax.apply_if_finite` or the caller to reject.)
+
     Args:
         layers: the blocks, from `Curvature.layers`.
         learning_rate: a scalar or an optax schedule.
@@ -391,15 +403,59 @@ def ekfac(
 
     Returns:
         An `optax.GradientTransformationExtraArgs` whose update takes `stats=`.
+        Its state is that of `optax.chain(scale_by_ekfac(...), optax.sgd(...))`:
+        `(ScaleByEkfacState, sgd state)`.
 
     Example:
         >>> tx = optax_ekfac.ekfac(layers, learning_rate=0.1, momentum=0.9)
         >>> updates, opt_state = tx.update(grads, opt_state, params, stats=stats)
     """
-    return optax.chain(
+    return _skipping_non_finite_steps(
         scale_by_ekfac(layers, **ekfac_settings),
         optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
     )
+
+
+def _skipping_non_finite_steps(
+    preconditioner: optax.GradientTransformationExtraArgs,
+    optimizer: optax.GradientTransformation,
+) -> optax.GradientTransformationExtraArgs:
+    """`optax.chain(preconditioner, optimizer)` that skips the preconditioner's
+    skipped steps: zero updates, and `optimizer`'s state left as it was.
+
+    The skip is read from the preconditioner's own flag, the increment of its
+    `skipped_steps`, so gradients and statistics are checked once. The state
+    has `optax.chain`'s structure.
+    """
+    optimizer = optax.with_extra_args_support(optimizer)
+
+    def init_fn(params: optax.Params) -> tuple[Any, Any]:
+        return preconditioner.init(params), optimizer.init(params)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        preconditioner_state, optimizer_state = state
+        directions, new_preconditioner_state = preconditioner.update(
+            updates, preconditioner_state, params, **extra_args
+        )
+        skipped = (
+            new_preconditioner_state.skipped_steps
+            != preconditioner_state.skipped_steps
+        )
+        # The optimizer runs on every step (one compiled step); `where` drops
+        # its result on a skipped one, so no NaN, and no zero either, enters
+        # its momentum.
+        new_updates, new_optimizer_state = optimizer.update(
+            directions, optimizer_state, params, **extra_args
+        )
+        new_updates = optax.tree.where(
+            skipped, optax.tree.zeros_like(new_updates), new_updates
+        )
+        new_optimizer_state = optax.tree.where(
+            skipped, optimizer_state, new_optimizer_state
+        )
+        return new_updates, (new_preconditioner_state, new_optimizer_state)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def precondition(
