@@ -127,7 +127,7 @@ def main():
     # learning_rate at most about damping (see the README); both settings are
     # the best of the sweeps in benchmarks/transformer.py.
     ekfac = oek.ekfac(
-        layers, learning_rate=1e-1, momentum=0.9, damping=3e-1, eigen_update_every=10
+        layers, learning_rate=5e-3, momentum=0.9, damping=1.5e-2, eigen_update_every=10
     )
     adam = optax.adam(3e-3)
 
