@@ -9,8 +9,9 @@ rows come from too; a tied embedding's `attend` calls included). From them:
 * for small models, dense `(D, D)` blocks, `D = input_dim * output_dim`, with
   `vec` row-major over the block matrix `(input_dim, output_dim)`:
   `fisher_block` (the exact Fisher the statistics estimate,
-  `(1/N) Σ_n vec(G_n) vec(G_n)ᵀ` over the `N` loss terms), `kfac_block` (`A ⊗ B`) and `ekfac_block`
-  (`(U_A ⊗ U_B) diag(vec S) (U_A ⊗ U_B)ᵀ`) from an optimizer state, and
+  `(1/N) Σ_n vec(G_n) vec(G_n)ᵀ` over the `N` loss terms), `kfac_block`
+  (`A ⊗ B`) and `ekfac_block` (`(U_A ⊗ U_B) diag(vec S) (U_A ⊗ U_B)ᵀ`) from
+  an optimizer state, and
   `frobenius_distances` between the three.
 
 The example axis is the statistics' axis 0: with `Curvature(fisher_type="mc",
