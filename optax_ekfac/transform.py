@@ -1,7 +1,8 @@
 """`scale_by_ekfac` and `ekfac`: the EKFAC preconditioner as optax transforms.
 
-Per block, from the rows of a batch of `N` examples with `P` positions each
-(input rows `a`, output rows `d`, see `layers.py`):
+Per block, from the rows of a batch of examples `n` with positions `p` each
+(input rows `a`, output rows `d`, see `layers.py`) and a loss averaged over
+`N` loss terms:
 
     A ← EMA  mean_{n,p} a aᵀ                 input factor
     B ← EMA  (1/N) Σ_{n,p} d dᵀ              output factor
