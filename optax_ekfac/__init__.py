@@ -22,6 +22,7 @@ from optax_ekfac.transform import (
     ScaleByEkfacState,
     ekfac,
     precondition,
+    relative_damping_floor,
     scale_by_ekfac,
 )
 
@@ -45,6 +46,7 @@ __all__ = [
     "nnx",
     "per_example_gradients",
     "precondition",
+    "relative_damping_floor",
     "scale_by_ekfac",
     "sigmoid_binary_cross_entropy",
     "softmax_cross_entropy",

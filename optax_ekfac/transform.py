@@ -8,7 +8,7 @@ Per block, from the rows of a batch of examples `n` with positions `p` each
     B ← EMA  (1/N) Σ_{n,p} d dᵀ              output factor
     U_A, U_B = eigh(A), eigh(B)              every `eigen_update_every` updates
     S ← EMA  (1/N) Σ_n (U_Aᵀ G_n U_B)²        scalings, G_n = Σ_p a dᵀ
-    G ↦ U_A [(U_Aᵀ G U_B) / (S + λ)] U_Bᵀ
+    G ↦ U_A [(U_Aᵀ G U_B) / (S + λ')] U_Bᵀ    λ' = max(λ, ρ max S), ρ = 100 eps
 
 `N` is the number of loss terms the loss averages (`Statistics.num_terms`,
 times the label samples of a Monte-Carlo Fisher), not the number of
@@ -53,6 +53,9 @@ from optax_ekfac.capture import Statistics
 from optax_ekfac.layers import Block, Layers, LayerStats
 
 _DEFAULT_MAX_PER_EXAMPLE_ELEMENTS = 2**22
+# The damping is at least this many machine epsilons times a block's largest
+# scaling (`relative_damping_floor`), chosen by benchmarks/float32_eigh.py.
+_RELATIVE_DAMPING_FLOOR_EPS = 100
 
 
 class BlockState(NamedTuple):
@@ -149,12 +152,22 @@ def scale_by_ekfac(
         damping: `λ > 0`, added to the scalings (and to the diagonal
             fallback), which bounds the update: `‖update‖ ≤ ‖g‖ / λ`. Much
             larger than the scalings, the update tends to `g / λ` (gradient
-            descent scaled by `1 / λ`); tiny (1e-8), it tends to the undamped
-            EKFAC direction where the factors have curvature, while directions
-            without curvature (a batch smaller than a layer's width, dead
-            units, constant inputs) stay finite but can grow large. May be
-            scheduled with `optax.inject_hyperparams` (scheduled values are
-            not range-checked).
+            descent scaled by `1 / λ`). Each block uses
+            `λ' = max(λ, ρ · max(S))`, `ρ = relative_damping_floor(dtype) =
+            100 eps` of the less precise of the state's dtype and `eigh_dtype`
+            (float32: 1.2e-5), `max(S)` the block's largest scaling (per group
+            of a grouped convolution): round-off
+            perturbs every curvature by about `eps · max(S)`, and a damping
+            below that divides round-off by almost nothing (float32 errors of
+            100% and more at `λ` = 1e-8 with an ill-conditioned factor). With
+            the floor, a float32 update is within a few percent of the float64
+            one at `λ'`, and `‖update‖ ≤ ‖g‖ / λ'`; where `λ ≥ ρ · max(S)` it
+            changes nothing. A tiny `λ` (1e-8) thus gives the undamped EKFAC
+            direction where the curvature exceeds `ρ · max(S)`; directions
+            with less (a batch smaller than a layer's width, dead units,
+            constant inputs) stay bounded by `1 / λ'`. May be scheduled with
+            `optax.inject_hyperparams` (scheduled values are not
+            range-checked; they are floored the same way).
         decay: running-average decay of factors and scalings per update, in
             `[0, 1)`: with `stats_update_every = k` each refresh decays by
             `decay**k`, so the averages span the same number of updates
@@ -339,12 +352,15 @@ def scale_by_ekfac(
         for block in layers.blocks:
             block_state = blocks[block.name]
             gradient = layers_lib.block_matrix(block, grads)
+            floor = relative_damping_floor(
+                block_state.scalings.dtype, settings.eigh_dtype
+            )
             if block.grouped:
-                direction = jax.vmap(precondition, in_axes=(0, 0, None))(
-                    block_state, gradient, damping
+                direction = jax.vmap(precondition, in_axes=(0, 0, None, None))(
+                    block_state, gradient, damping, floor
                 )
             else:
-                direction = precondition(block_state, gradient, damping)
+                direction = precondition(block_state, gradient, damping, floor)
             preconditioned.update(layers_lib.block_leaves(block, direction, grads))
         for key, moment in second_moments.items():
             path = tuple(key.split("/"))
@@ -460,27 +476,59 @@ def _skipping_non_finite_steps(
 
 
 def precondition(
-    block_state: BlockState, gradient: jax.Array, damping: float | jax.Array
+    block_state: BlockState,
+    gradient: jax.Array,
+    damping: float | jax.Array,
+    min_relative_damping: float | None = None,
 ) -> jax.Array:
-    """`U_A [(U_Aᵀ G U_B) / (S + λ)] U_Bᵀ` for one block matrix `G`.
+    """`U_A [(U_Aᵀ G U_B) / (S + λ')] U_Bᵀ` for one block matrix `G`.
+
+    The damping used is `λ' = max(λ, ρ · max(S))`: at least a fraction `ρ` of
+    the block's largest scaling, so that the curvature the preconditioner
+    inverts has a condition number of at most `1 + 1/ρ` (see
+    `relative_damping_floor`). `‖result‖ ≤ ‖G‖ / λ' ≤ ‖G‖ / λ`.
 
     Args:
         block_state: the curvature of the block (one group of a grouped one).
         gradient: `G`, `(input_dim, output_dim)`.
         damping: `λ`.
+        min_relative_damping: `ρ`; None for `relative_damping_floor` of the
+            state's dtype, 0 for `λ' = λ`.
 
     Returns:
         The preconditioned block matrix, in the state's dtype.
     """
     input_basis = block_state.input_eigenbasis
     output_basis = block_state.output_eigenbasis
+    scalings = block_state.scalings
+    if min_relative_damping is None:
+        min_relative_damping = relative_damping_floor(scalings.dtype)
+    damping = jnp.maximum(damping, min_relative_damping * scalings.max())
     projected = gradient.astype(output_basis.dtype) @ output_basis
     if input_basis is not None:
         projected = input_basis.T @ projected
-    projected = projected / (block_state.scalings + damping)
+    projected = projected / (scalings + damping)
     if input_basis is not None:
         projected = input_basis @ projected
     return projected @ output_basis.T
+
+
+def relative_damping_floor(dtype: Any, eigh_dtype: Any = None) -> float:
+    """`ρ = 100 eps`: the smallest damping, relative to a block's largest
+    scaling, that `scale_by_ekfac` uses (float32: 1.2e-5; float64: 2.2e-14).
+
+    `eps` is the machine epsilon of the less precise of the state's dtype and
+    the dtype of the eigendecompositions. Round-off in the factors, their
+    eigenvectors, the scalings and the gradient perturbs the curvature by
+    about `eps · max(S)` in every direction; a damping well above that keeps
+    the update within about `eps / ρ` (relative) of the exact one for that
+    damping, where a smaller one would divide round-off by almost nothing.
+    """
+    eps = max(
+        float(jnp.finfo(dtype).eps),
+        float(jnp.finfo(eigh_dtype).eps) if eigh_dtype is not None else 0.0,
+    )
+    return _RELATIVE_DAMPING_FLOOR_EPS * eps
 
 
 class _Settings(NamedTuple):
