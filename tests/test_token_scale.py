@@ -169,3 +169,26 @@ def test_broadcast_positions_get_per_example_output_gradients():
         rtol=1e-5,
         atol=1e-6,
     )
+
+
+def test_nnx_positions_without_an_example_axis_are_refused_by_name():
+    from flax import nnx
+
+    class NnxPositions(nnx.Module):
+        def __init__(self, rngs):
+            self.tokens = nnx.Embed(5, 4, rngs=rngs)
+            self.positions = nnx.Embed(6, 4, rngs=rngs)
+            self.head = nnx.Linear(4, 5, rngs=rngs)
+
+        def __call__(self, tokens):
+            length = tokens.shape[1]
+            return self.head(self.tokens(tokens) + self.positions(jnp.arange(length)))
+
+    model = NnxPositions(nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(0), (3, 6), 0, 5)
+
+    def loss_fn(model, tokens):
+        return oek.softmax_cross_entropy(model(tokens), tokens)
+
+    with pytest.raises(ValueError, match="^positions: .*jnp.broadcast_to"):
+        oek.nnx.Curvature(loss_fn).layers(model, tokens)
