@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 
 import optax_ekfac as oek
-from benchmarks import data, harness
+from benchmarks import cli, data, records, specs
 
 
 class Autoencoder(nn.Module):
@@ -37,7 +37,7 @@ class Autoencoder(nn.Module):
         return nn.sigmoid(nn.Dense(self.outputs)(x))
 
 
-def problem(batch_size: int = 256, seed: int = 0) -> harness.Problem:
+def problem(batch_size: int = 256, seed: int = 0) -> specs.Problem:
     """Digits in [0, 1], reconstructed; per-example half squared error (summed
     over the 64 pixels); target train loss 0.1."""
     x_train, _, x_test, _ = data.digits(seed)
@@ -46,7 +46,7 @@ def problem(batch_size: int = 256, seed: int = 0) -> harness.Problem:
     def loss_fn(params, x):
         return oek.squared_error(model.apply({"params": params}, x), x)
 
-    return harness.Problem(
+    return specs.Problem(
         name="autoencoder",
         title="Autoencoder 64-256-128-32-128-256-64 on digits",
         loss_fn=loss_fn,
@@ -58,7 +58,7 @@ def problem(batch_size: int = 256, seed: int = 0) -> harness.Problem:
     )
 
 
-def optimizers(quick: bool) -> list[harness.Optimizer]:
+def optimizers(quick: bool) -> list[specs.Optimizer]:
     """The four optimizers; the quick sweep keeps two settings of each."""
     ekfac_sweep = [
         {"learning_rate": 3e-4, "damping": 1e-3},
@@ -69,7 +69,7 @@ def optimizers(quick: bool) -> list[harness.Optimizer]:
     ]
     adam_learning_rates = [1e-3, 3e-3, 1e-2]
     sgd_learning_rates = [0.03, 0.1, 0.3]
-    return harness.standard_optimizers(
+    return specs.standard_optimizers(
         ekfac_sweep=ekfac_sweep,
         adam_learning_rates=adam_learning_rates,
         sgd_learning_rates=sgd_learning_rates,
@@ -78,10 +78,10 @@ def optimizers(quick: bool) -> list[harness.Optimizer]:
     )
 
 
-def main(argv: Sequence[str] | None = None):
-    return harness.main(
+def main(argv: Sequence[str] | None = None) -> records.BenchmarkResult:
+    return cli.convergence_main(
         argv,
-        __doc__.splitlines()[0],
+        __doc__,
         problem,
         optimizers,
         steps=600,

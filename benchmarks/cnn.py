@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 
 import optax_ekfac as oek
-from benchmarks import data, harness
+from benchmarks import cli, data, records, specs
 
 
 class CNN(nn.Module):
@@ -31,7 +31,7 @@ class CNN(nn.Module):
         return nn.Dense(self.num_classes)(x.reshape(x.shape[0], -1))
 
 
-def problem(batch_size: int = 256, seed: int = 0) -> harness.Problem:
+def problem(batch_size: int = 256, seed: int = 0) -> specs.Problem:
     """Digits as `[N, 8, 8, 1]` images in [0, 1]; target train loss 1e-3."""
     x_train, y_train, x_test, y_test = data.digits(seed)
     x_train, x_test = (x.reshape(-1, 8, 8, 1) for x in (x_train, x_test))
@@ -41,7 +41,7 @@ def problem(batch_size: int = 256, seed: int = 0) -> harness.Problem:
         logits = model.apply({"params": params}, images)
         return oek.softmax_cross_entropy(logits, labels)
 
-    return harness.Problem(
+    return specs.Problem(
         name="cnn",
         title="CNN conv16-conv32/2-dense10 on 8x8 digits",
         loss_fn=loss_fn,
@@ -53,7 +53,7 @@ def problem(batch_size: int = 256, seed: int = 0) -> harness.Problem:
     )
 
 
-def optimizers(quick: bool) -> list[harness.Optimizer]:
+def optimizers(quick: bool) -> list[specs.Optimizer]:
     """The four optimizers; the quick sweep keeps two settings of each."""
     ekfac_sweep = [
         {"learning_rate": 3e-3, "damping": 1e-2},
@@ -62,7 +62,7 @@ def optimizers(quick: bool) -> list[harness.Optimizer]:
     ]
     adam_learning_rates = [3e-3, 1e-2, 3e-2, 1e-1]
     sgd_learning_rates = [0.03, 0.1, 0.3]
-    return harness.standard_optimizers(
+    return specs.standard_optimizers(
         ekfac_sweep=ekfac_sweep,
         adam_learning_rates=adam_learning_rates,
         sgd_learning_rates=sgd_learning_rates,
@@ -72,10 +72,10 @@ def optimizers(quick: bool) -> list[harness.Optimizer]:
     )
 
 
-def main(argv: Sequence[str] | None = None):
-    return harness.main(
+def main(argv: Sequence[str] | None = None) -> records.BenchmarkResult:
+    return cli.convergence_main(
         argv,
-        __doc__.splitlines()[0],
+        __doc__,
         problem,
         optimizers,
         steps=300,

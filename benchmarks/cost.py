@@ -108,7 +108,7 @@ def interleaved_timings(
 def stepper(
     step: Callable, params, opt_state, hyperparameters, data, indices
 ) -> Callable[[], Any]:
-    """A no-argument closure that runs one step of a `harness.TrainStep`,
+    """A no-argument closure that runs one step of a `running.TrainStep`,
     carrying `params` and `opt_state` and cycling through `indices` (a list of
     device arrays, one batch's example indices each) and as many keys."""
     carry = [params, opt_state]

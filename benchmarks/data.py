@@ -1,11 +1,16 @@
-"""Offline data for the benchmarks: sklearn's digits and Python's own source."""
+"""Offline data for the benchmarks: sklearn's digits and Python's own source.
+
+The digits split and the order of the mini-batches are the examples' own
+(`examples/_shared.py`), so a benchmark and an example of the same model see
+the same examples in the same order.
+"""
 
 import importlib
 import inspect
 
 import numpy as np
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
+
+from examples._shared import batch_indices, digits, standardized  # noqa: F401
 
 # Pure-Python standard-library modules whose source is the language model's text.
 TEXT_MODULES = (
@@ -26,31 +31,6 @@ TEXT_MODULES = (
     "inspect",
     "typing",
 )
-
-
-def digits(
-    seed: int = 0,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """`(x_train, y_train, x_test, y_test)`: 1797 8x8 digits, a stratified
-    80/20 split, pixels scaled to [0, 1] (float32), labels int32."""
-    x, y = load_digits(return_X_y=True)
-    x_train, x_test, y_train, y_test = train_test_split(
-        x / 16.0, y, test_size=0.2, random_state=seed, stratify=y
-    )
-    return (
-        x_train.astype(np.float32),
-        y_train.astype(np.int32),
-        x_test.astype(np.float32),
-        y_test.astype(np.int32),
-    )
-
-
-def standardized(x_train: np.ndarray, x_test: np.ndarray):
-    """Features standardized with the training set's statistics (constant
-    pixels stay 0)."""
-    mean, std = x_train.mean(0), x_train.std(0)
-    std = np.where(std > 0, std, 1).astype(np.float32)
-    return (x_train - mean) / std, (x_test - mean) / std
 
 
 def python_source(num_chars: int) -> str:

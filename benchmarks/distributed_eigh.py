@@ -28,7 +28,6 @@ Usage:
     python -m benchmarks.distributed_eigh [--quick] [--devices 4] [--out DIR]
 """
 
-import argparse
 import statistics
 from collections.abc import Sequence
 from typing import Any
@@ -41,7 +40,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import optax_ekfac as oek
-from benchmarks import harness
+from benchmarks import cli, running, storage
+from benchmarks.records import BenchmarkResult
 from optax_ekfac import distributed
 
 AXIS = "data"
@@ -88,15 +88,12 @@ def _factor_costs(state: oek.ScaleByEkfacState) -> list[dict[str, Any]]:
     return factors
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a smoke run")
+def main(argv: Sequence[str] | None = None) -> BenchmarkResult:
+    parser = cli.arguments(__doc__, steps_help="timed steps each")
     parser.add_argument("--devices", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=None, help="timed steps each")
-    parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     devices = _use_devices(args.devices)
-    harness.limit_blas_threads()
+    running.limit_blas_threads()
     input_dim, widths, batch_size = (
         (32, (64, 48, 10), 32) if args.quick else (256, (512, 384, 256, 128, 10), 256)
     )
@@ -144,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             runs[name] = {"step": jitted, "state": state, "times": []}
         for _ in range(steps):
             for run in runs.values():
-                run["state"], seconds = harness.timed_call(
+                run["state"], seconds = running.timed_call(
                     run["step"], *run["state"], *batch
                 )
                 run["times"].append(seconds)
@@ -155,7 +152,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     loads = [sum(costs[i] for i in share) for share in shares]
     medians = {name: statistics.median(run["times"]) for name, run in runs.items()}
     results = {
-        "problem": "distributed_eigh",
         "title": "eigen-update step, eigendecompositions distributed or repeated",
         "model": {"input_dim": input_dim, "widths": widths, "batch_size": batch_size},
         "devices": [str(device) for device in devices],
@@ -170,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "ratio": medians["distributed"] / medians["every_device"],
         "eigen_ratio": (medians["distributed"] - medians["no_eigen_update"])
         / (medians["every_device"] - medians["no_eigen_update"]),
-        "machine": harness.machine_info(),
+        "machine": storage.machine_info(),
     }
     print(
         f"{len(devices)} {devices[0].platform} devices, {len(factors)} factors "
@@ -184,9 +180,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     if results["fake_cpu_devices"]:
         print("  (fake CPU devices share the host's cores: not a device speed-up)")
-    for path in harness.save(results, args.out, plot=False):
-        print(f"  wrote {path}")
-    return results
+    result = BenchmarkResult("distributed_eigh", sections=results)
+    storage.save(result, args.out, log=lambda line: print(f"  {line}"))
+    return result
 
 
 if __name__ == "__main__":

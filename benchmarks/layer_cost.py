@@ -22,7 +22,7 @@ Usage:
     python -m benchmarks.layer_cost [--quick] [--out DIR]
 """
 
-import argparse
+import dataclasses
 import statistics
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -33,7 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import optax_ekfac as oek
-from benchmarks import cost, harness
+from benchmarks import cli, cost, running, specs, storage
+from benchmarks.records import BenchmarkResult, Memory
 
 EIGEN_UPDATE_EVERY = 10
 CHUNKED_ELEMENTS = 2**16
@@ -67,7 +68,7 @@ class AttentionBlock(nn.Module):
 
 def regression_problem(
     name: str, model: nn.Module, inputs_shape: tuple[int, ...], token_losses: bool
-) -> harness.Problem:
+) -> specs.Problem:
     """Random inputs and targets; squared error per example (all positions in
     one loss term) or per token (`[B, T]` losses)."""
     rng = np.random.default_rng(0)
@@ -83,7 +84,7 @@ def regression_problem(
             targets = targets.reshape(len(targets), -1)
         return oek.squared_error(predictions, targets)
 
-    return harness.Problem(
+    return specs.Problem(
         name=name,
         title=name,
         loss_fn=loss_fn,
@@ -95,22 +96,57 @@ def regression_problem(
     )
 
 
-def ekfac_variants(damping: float = 1e-3) -> dict[str, harness.Optimizer]:
+def ekfac_variants(damping: float = 1e-3) -> dict[str, specs.Optimizer]:
     """EKFAC with each way of computing the scalings, and Adam."""
     setting = [{"learning_rate": 1e-4, "damping": damping}]
 
     def ekfac(**settings):
-        return harness.ekfac(setting, eigen_update_every=EIGEN_UPDATE_EVERY, **settings)
+        return specs.ekfac(setting, eigen_update_every=EIGEN_UPDATE_EVERY, **settings)
 
     return {
-        "Adam": harness.adam([1e-4]),
+        "Adam": specs.adam([1e-4]),
         "EKFAC exact, one chunk": ekfac(max_per_example_elements=ONE_CHUNK_ELEMENTS),
         "EKFAC exact, chunked": ekfac(max_per_example_elements=CHUNKED_ELEMENTS),
         "EKFAC per_position": ekfac(scalings="per_position"),
     }
 
 
-def measure(problem: harness.Problem, rounds: int) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class VariantCost:
+    """One variant's step time (the steps taking turns) and compiled memory.
+
+    Attributes:
+        median_ms: median milliseconds per step.
+        mean_ms: mean milliseconds per step.
+        median_ratio_to_adam: `median_ms` over Adam's.
+        mean_ratio_to_adam: `mean_ms` over Adam's.
+        memory: `"step"`: the whole train step's; `"update"` (EKFAC only):
+            the EKFAC update's alone, where the scalings' working memory shows.
+    """
+
+    median_ms: float
+    mean_ms: float
+    median_ratio_to_adam: float
+    mean_ratio_to_adam: float
+    memory: dict[str, Memory]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerCost:
+    """Every variant on one layer.
+
+    Attributes:
+        layers: the printed `optax_ekfac.Layers` table.
+        batch_shape: the shape of the inputs of one step.
+        variants: variant name -> its cost.
+    """
+
+    layers: str
+    batch_shape: list[int]
+    variants: dict[str, VariantCost]
+
+
+def measure(problem: specs.Problem, rounds: int) -> LayerCost:
     """Step times (taking turns) and compiled memory of every variant."""
     train = jax.device_put(problem.train)
     batch = problem.train
@@ -119,17 +155,16 @@ def measure(problem: harness.Problem, rounds: int) -> dict[str, Any]:
     indices = [jax.device_put(np.arange(problem.batch_size, dtype=np.int32))]
     _, grads, stats = jax.jit(curvature.value_grad_and_stats)(problem.params, *batch)
     calls: dict[str, Callable[[], Any]] = {}
-    memory = {}
+    memory: dict[str, dict[str, Memory]] = {}
     for name, optimizer in ekfac_variants().items():
-        step = harness.TrainStep(problem, optimizer, layers)
-        setting = optimizer.sweep[0]
-        traced = harness.hyperparameter_arrays(setting)
-        opt_state = jax.jit(optimizer.make(layers, **setting).init)(problem.params)
+        step = running.TrainStep(problem, optimizer, layers)
+        traced = running.hyperparameter_arrays(optimizer.sweep[0])
+        opt_state = running.initial_state(optimizer, layers, problem.params)
         calls[name] = cost.stepper(
             step, problem.params, opt_state, traced, train, indices
         )
         memory[name] = {
-            "step": harness.memory_of(
+            "step": running.memory_of(
                 step.jitted,
                 problem.params,
                 opt_state,
@@ -140,60 +175,57 @@ def measure(problem: harness.Problem, rounds: int) -> dict[str, Any]:
             )
         }
         if optimizer.uses_stats:
-            tx = optimizer.make(layers, **setting)
+            tx = optimizer.make(layers, **optimizer.sweep[0])
             update = jax.jit(lambda g, s, p, st, tx=tx: tx.update(g, s, p, stats=st))
-            memory[name]["update"] = harness.memory_of(
+            memory[name]["update"] = running.memory_of(
                 update, grads, opt_state, problem.params, stats
             )
     cost.interleaved_timings(calls, 1, EIGEN_UPDATE_EVERY)  # compile, warm up
     seconds = cost.interleaved_timings(calls, rounds, EIGEN_UPDATE_EVERY)
     adam_median = statistics.median(seconds["Adam"])
     adam_mean = statistics.fmean(seconds["Adam"])
-    return {
-        "layers": str(layers),
-        "batch_shape": list(problem.train[0].shape),
-        "variants": {
-            name: {
-                "median_ms": 1e3 * statistics.median(times),
-                "mean_ms": 1e3 * statistics.fmean(times),
-                "median_ratio_to_adam": statistics.median(times) / adam_median,
-                "mean_ratio_to_adam": statistics.fmean(times) / adam_mean,
-                "memory": memory[name],
-            }
+    return LayerCost(
+        layers=str(layers),
+        batch_shape=list(problem.train[0].shape),
+        variants={
+            name: VariantCost(
+                median_ms=1e3 * statistics.median(times),
+                mean_ms=1e3 * statistics.fmean(times),
+                median_ratio_to_adam=statistics.median(times) / adam_median,
+                mean_ratio_to_adam=statistics.fmean(times) / adam_mean,
+                memory=memory[name],
+            )
             for name, times in seconds.items()
         },
-    }
+    )
 
 
-def report(name: str, result: dict[str, Any]) -> None:
-    print(f"\n== {name}, batch {result['batch_shape']}")
-    print(result["layers"])
+def report(name: str, result: LayerCost) -> None:
+    """Prints one layer's table: step times, ratios to Adam, memory."""
+    print(f"\n== {name}, batch {result.batch_shape}")
+    print(result.layers)
     print(
         f"{'variant':<24}{'median ms':>10}{'/Adam':>7}{'mean ms':>9}{'/Adam':>7}"
         f"{'step MB':>9}{'update MB':>10}{'update temp MB':>15}"
     )
-    for variant, row in result["variants"].items():
-        update = row["memory"].get("update")
+    for variant, row in result.variants.items():
+        update = row.memory.get("update")
         print(
-            f"{variant:<24}{row['median_ms']:>10.2f}"
-            f"{row['median_ratio_to_adam']:>7.2f}{row['mean_ms']:>9.2f}"
-            f"{row['mean_ratio_to_adam']:>7.2f}"
-            f"{row['memory']['step']['peak_bytes'] / 2**20:>9.2f}"
+            f"{variant:<24}{row.median_ms:>10.2f}"
+            f"{row.median_ratio_to_adam:>7.2f}{row.mean_ms:>9.2f}"
+            f"{row.mean_ratio_to_adam:>7.2f}"
+            f"{row.memory['step'].peak_bytes / 2**20:>9.2f}"
             + (
-                f"{update['peak_bytes'] / 2**20:>10.2f}"
-                f"{update['temp_bytes'] / 2**20:>15.2f}"
+                f"{update.peak_bytes / 2**20:>10.2f}{update.temp_bytes / 2**20:>15.2f}"
                 if update
                 else ""
             )
         )
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a smoke run")
-    parser.add_argument("--out", default="benchmarks/results")
-    args = parser.parse_args(argv)
-    harness.limit_blas_threads()
+def main(argv: Sequence[str] | None = None) -> BenchmarkResult:
+    args = cli.arguments(__doc__, steps_help=None).parse_args(argv)
+    running.limit_blas_threads()
     conv_batch, attention_batch = (16, 8) if args.quick else (64, 32)
     problems = {
         "conv 3x3, 32 -> 64 channels, 16x16 images": regression_problem(
@@ -208,28 +240,30 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             )
         ),
     }
-    results: dict[str, Any] = {
-        "problem": "layer_cost",
-        "machine": harness.machine_info(),
-        "settings": {
-            "eigen_update_every": EIGEN_UPDATE_EVERY,
-            "stats_update_every": 1,
-            "chunked_max_per_example_elements": CHUNKED_ELEMENTS,
-            "one_chunk_max_per_example_elements": ONE_CHUNK_ELEMENTS,
-        },
-        "layers": {},
-    }
+    machine = storage.machine_info()
+    costs = {}
     for name, problem in problems.items():
-        result = measure(problem, rounds=2 if args.quick else 8)
-        results["layers"][name] = result
-        report(name, result)
+        costs[name] = measure(problem, rounds=2 if args.quick else 8)
+        report(name, costs[name])
     print(
         "memory: compiled memory_analysis (arguments + outputs + temporaries - "
         "aliased); the update alone shows the scalings' working memory."
     )
-    for path in harness.save(results, args.out, plot=False):
-        print(f"wrote {path}")
-    return results
+    result = BenchmarkResult(
+        "layer_cost",
+        sections={
+            "machine": machine,
+            "settings": {
+                "eigen_update_every": EIGEN_UPDATE_EVERY,
+                "stats_update_every": 1,
+                "chunked_max_per_example_elements": CHUNKED_ELEMENTS,
+                "one_chunk_max_per_example_elements": ONE_CHUNK_ELEMENTS,
+            },
+            "layers": costs,
+        },
+    )
+    storage.save(result, args.out)
+    return result
 
 
 if __name__ == "__main__":

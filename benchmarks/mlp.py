@@ -3,7 +3,7 @@
 Two parts, one process:
 
 1. Convergence: a 64-256-256-10 ReLU MLP, batch 256, trained by EKFAC, KFAC,
-   Adam and SGD with momentum, each over a small sweep (`harness.compare`).
+   Adam and SGD with momentum, each over a small sweep (`running.compare`).
 2. Step cost: the median and mean step time of EKFAC (statistics every step,
    and every 10 steps; eigenbases every 10) against Adam's at several batch
    sizes, the steps taking turns; next to it the FLOP model of the issue
@@ -15,16 +15,16 @@ Usage:
     python -m benchmarks.mlp [--quick] [--out benchmarks/results]
 """
 
-import argparse
+import dataclasses
 import statistics
 from collections.abc import Sequence
-from typing import Any
 
 import flax.linen as nn
 import jax
 
 import optax_ekfac as oek
-from benchmarks import cost, data, harness
+from benchmarks import cli, cost, data, reporting, running, specs, storage
+from benchmarks.records import BenchmarkResult, Target
 
 EIGEN_UPDATE_EVERY = 10
 
@@ -42,7 +42,7 @@ class MLP(nn.Module):
         return nn.Dense(self.num_classes)(x)
 
 
-def problem(batch_size: int = 256, seed: int = 0) -> harness.Problem:
+def problem(batch_size: int = 256, seed: int = 0) -> specs.Problem:
     """Standardized digits, softmax cross-entropy, target train loss 1e-4
     (the training set memorized; Adam's best needs about 150 steps)."""
     x_train, y_train, x_test, y_test = data.digits(seed)
@@ -52,7 +52,7 @@ def problem(batch_size: int = 256, seed: int = 0) -> harness.Problem:
     def loss_fn(params, x, y):
         return oek.softmax_cross_entropy(model.apply({"params": params}, x), y)
 
-    return harness.Problem(
+    return specs.Problem(
         name="mlp",
         title="MLP 64-256-256-10 on digits",
         loss_fn=loss_fn,
@@ -64,7 +64,7 @@ def problem(batch_size: int = 256, seed: int = 0) -> harness.Problem:
     )
 
 
-def optimizers(quick: bool) -> list[harness.Optimizer]:
+def optimizers(quick: bool) -> list[specs.Optimizer]:
     """The four optimizers; the quick sweep keeps two settings of each."""
     ekfac_sweep = [
         {"learning_rate": 3e-4, "damping": 3e-4},
@@ -75,7 +75,7 @@ def optimizers(quick: bool) -> list[harness.Optimizer]:
     ]
     adam_learning_rates = [1e-3, 3e-3, 1e-2, 3e-2]
     sgd_learning_rates = [0.03, 0.1, 0.3, 1.0]
-    return harness.standard_optimizers(
+    return specs.standard_optimizers(
         ekfac_sweep=ekfac_sweep,
         adam_learning_rates=adam_learning_rates,
         sgd_learning_rates=sgd_learning_rates,
@@ -84,21 +84,53 @@ def optimizers(quick: bool) -> list[harness.Optimizer]:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class StepCost:
+    """Adam's and EKFAC's step times at one batch size, next to the FLOP model.
+
+    The dicts are keyed by variant: `"Adam"`, `"EKFAC stats every 1"`,
+    `"EKFAC stats every 10"` (the FLOP model's by `"stats every 1"`, ...).
+
+    Attributes:
+        batch_size: examples per step.
+        median_ms: measured median milliseconds per step.
+        mean_ms: measured mean milliseconds per step.
+        median_ratio_to_adam: `median_ms` over Adam's.
+        mean_ratio_to_adam: `mean_ms` over Adam's.
+        flop_model: the issue's FLOP model's terms (`cost.flop_model`).
+        predicted_ratio_to_adam: its EKFAC/Adam ratio.
+        counted_flop_model: the model with every multiply-add as 2 FLOPs.
+        counted_predicted_ratio_to_adam: its EKFAC/Adam ratio.
+        adam_gflops_per_second: Adam's throughput under the issue's model.
+        profile_ms: where one EKFAC refresh step's time goes
+            (`cost.profile_ekfac`, statistics every step).
+        profile_predicted_ms: the counted model's pieces at the
+            forward/backward's measured throughput.
+    """
+
+    batch_size: int
+    median_ms: dict[str, float]
+    mean_ms: dict[str, float]
+    median_ratio_to_adam: dict[str, float]
+    mean_ratio_to_adam: dict[str, float]
+    flop_model: dict[str, dict[str, float]]
+    predicted_ratio_to_adam: dict[str, float]
+    counted_flop_model: dict[str, dict[str, float]]
+    counted_predicted_ratio_to_adam: dict[str, float]
+    adam_gflops_per_second: float
+    profile_ms: dict[str, float]
+    profile_predicted_ms: dict[str, float]
+
+
 def step_cost(
     batch_sizes: Sequence[int], rounds: int, profile_rounds: int, seed: int = 0
-) -> list[dict[str, Any]]:
+) -> list[StepCost]:
     """Adam's and EKFAC's step times at each batch size, the FLOP model's
-    prediction, and EKFAC's profile.
-
-    Returns:
-        One dict per batch size: measured median and mean milliseconds per
-        variant, ratios to Adam, FLOP model terms and predicted ratios, and
-        the profile (statistics every step).
-    """
+    prediction, and EKFAC's profile: one `StepCost` per batch size."""
     rows = []
     for batch_size in batch_sizes:
         bench = problem(batch_size, seed)
-        indices = harness.batch_indices(
+        indices = data.batch_indices(
             len(bench.train[0]), batch_size, 2 * EIGEN_UPDATE_EVERY, seed
         )
         first_batch = tuple(array[indices[0]] for array in bench.train)
@@ -107,25 +139,27 @@ def step_cost(
         indices = [jax.device_put(row) for row in indices]
         hyperparameters = {"learning_rate": 1e-3, "damping": 3e-3}
         variants = {
-            "Adam": harness.adam([1e-3]),
-            "EKFAC stats every 1": harness.ekfac(
+            "Adam": specs.adam([1e-3]),
+            "EKFAC stats every 1": specs.ekfac(
                 [hyperparameters], eigen_update_every=EIGEN_UPDATE_EVERY
             ),
-            "EKFAC stats every 10": harness.ekfac(
+            "EKFAC stats every 10": specs.ekfac(
                 [hyperparameters],
                 eigen_update_every=EIGEN_UPDATE_EVERY,
                 stats_update_every=10,
             ),
         }
-        calls = {}
-        for name, optimizer in variants.items():
-            step = harness.TrainStep(bench, optimizer, layers)
-            setting = optimizer.sweep[0]
-            traced = harness.hyperparameter_arrays(setting)
-            opt_state = jax.jit(optimizer.make(layers, **setting).init)(bench.params)
-            calls[name] = cost.stepper(
-                step, bench.params, opt_state, traced, train_data, indices
+        calls = {
+            name: cost.stepper(
+                running.TrainStep(bench, optimizer, layers),
+                bench.params,
+                running.initial_state(optimizer, layers, bench.params),
+                running.hyperparameter_arrays(optimizer.sweep[0]),
+                train_data,
+                indices,
             )
+            for name, optimizer in variants.items()
+        }
         # Warm-up: compiles, and runs one full period (eigh included).
         cost.interleaved_timings(calls, 1, EIGEN_UPDATE_EVERY)
         seconds = cost.interleaved_timings(calls, rounds, EIGEN_UPDATE_EVERY)
@@ -171,31 +205,29 @@ def step_cost(
             part: refresh_flops[part] / flops_per_ms for part in cost.PARTS
         }
         rows.append(
-            {
-                "batch_size": batch_size,
-                "median_ms": median_ms,
-                "mean_ms": mean_ms,
-                "median_ratio_to_adam": {
+            StepCost(
+                batch_size=batch_size,
+                median_ms=median_ms,
+                mean_ms=mean_ms,
+                median_ratio_to_adam={
                     k: v / median_ms["Adam"] for k, v in median_ms.items()
                 },
-                "mean_ratio_to_adam": {
-                    k: v / mean_ms["Adam"] for k, v in mean_ms.items()
-                },
-                "flop_model": {f"stats every {k}": v for k, v in models.items()},
-                "predicted_ratio_to_adam": predicted,
-                "counted_flop_model": {
+                mean_ratio_to_adam={k: v / mean_ms["Adam"] for k, v in mean_ms.items()},
+                flop_model={f"stats every {k}": v for k, v in models.items()},
+                predicted_ratio_to_adam=predicted,
+                counted_flop_model={
                     f"stats every {k}": v for k, v in counted_models.items()
                 },
-                "counted_predicted_ratio_to_adam": counted_predicted,
-                "adam_gflops_per_second": models[1]["adam"] / mean_ms["Adam"] / 1e6,
-                "profile_ms": profile,
-                "profile_predicted_ms": profile_predicted,
-            }
+                counted_predicted_ratio_to_adam=counted_predicted,
+                adam_gflops_per_second=models[1]["adam"] / mean_ms["Adam"] / 1e6,
+                profile_ms=profile,
+                profile_predicted_ms=profile_predicted,
+            )
         )
     return rows
 
 
-def report_step_cost(rows: Sequence[dict[str, Any]]) -> None:
+def report_step_cost(rows: Sequence[StepCost]) -> None:
     """Prints measured times next to the FLOP model, and the profiles."""
     print(
         "\nStep cost, MLP 64-256-256-10 (eigenbases every 10 steps; the steps "
@@ -207,25 +239,25 @@ def report_step_cost(rows: Sequence[dict[str, Any]]) -> None:
         f"{'counted':>8}{'mean/counted':>13}"
     )
     for row in rows:
-        for name, median in row["median_ms"].items():
-            model = row["predicted_ratio_to_adam"].get(name, 1.0)
-            counted = row["counted_predicted_ratio_to_adam"].get(name, 1.0)
-            mean_ratio = row["mean_ratio_to_adam"][name]
+        for name, median in row.median_ms.items():
+            model = row.predicted_ratio_to_adam.get(name, 1.0)
+            counted = row.counted_predicted_ratio_to_adam.get(name, 1.0)
+            mean_ratio = row.mean_ratio_to_adam[name]
             print(
-                f"{row['batch_size']:>6} {name:<22}{median:>10.2f}"
-                f"{row['mean_ms'][name]:>9.2f}"
-                f"{row['median_ratio_to_adam'][name]:>12.2f}{mean_ratio:>10.2f}"
+                f"{row.batch_size:>6} {name:<22}{median:>10.2f}"
+                f"{row.mean_ms[name]:>9.2f}"
+                f"{row.median_ratio_to_adam[name]:>12.2f}{mean_ratio:>10.2f}"
                 f"{model:>7.2f}{mean_ratio / model:>11.2f}"
                 f"{counted:>8.2f}{mean_ratio / counted:>13.2f}"
             )
-        flops = row["flop_model"]["stats every 1"]
+        flops = row.flop_model["stats every 1"]
         print(
             f"{'':>6} issue's FLOP model (MFLOP/step, stats every 1): "
             + ", ".join(f"{part} {flops[part] / 1e6:.1f}" for part in cost.PARTS)
-            + f"; Adam runs at {row['adam_gflops_per_second']:.1f} GFLOP/s"
+            + f"; Adam runs at {row.adam_gflops_per_second:.1f} GFLOP/s"
         )
-        profile = row["profile_ms"]
-        predicted = row["profile_predicted_ms"]
+        profile = row.profile_ms
+        predicted = row.profile_predicted_ms
         print(
             f"{'':>6} profile of one refresh step, ms measured [counted model at "
             "the forward/backward's throughput]: "
@@ -243,41 +275,38 @@ def report_step_cost(rows: Sequence[dict[str, Any]]) -> None:
     )
 
 
-def step_cost_targets(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def step_cost_targets(rows: Sequence[StepCost]) -> list[Target]:
     """The issue's step-time targets, checked."""
     targets = []
-    largest = max(rows, key=lambda row: row["batch_size"])
+    largest = max(rows, key=lambda row: row.batch_size)
     name = "EKFAC stats every 10"
-    median_ratio = largest["median_ratio_to_adam"][name]
-    mean_ratio = largest["mean_ratio_to_adam"][name]
+    median_ratio = largest.median_ratio_to_adam[name]
+    mean_ratio = largest.mean_ratio_to_adam[name]
     targets.append(
-        harness.target(
+        Target(
             f"mlp: EKFAC median step <= 1.6 x Adam's at batch "
-            f"{largest['batch_size']}, statistics and eigenbases every 10 steps",
+            f"{largest.batch_size}, statistics and eigenbases every 10 steps",
             median_ratio <= 1.6,
             f"median ratio {median_ratio:.2f}; mean ratio {mean_ratio:.2f}",
         )
     )
     for row in rows:
-        for name, model in row["predicted_ratio_to_adam"].items():
-            ratio = row["mean_ratio_to_adam"][name] / model
+        for name, model in row.predicted_ratio_to_adam.items():
+            ratio = row.mean_ratio_to_adam[name] / model
             targets.append(
-                harness.target(
-                    f"mlp: batch {row['batch_size']}, {name}: measured step "
+                Target(
+                    f"mlp: batch {row.batch_size}, {name}: measured step "
                     "within 1.5 x the FLOP model's prediction",
                     ratio <= 1.5,
-                    f"measured mean ratio {row['mean_ratio_to_adam'][name]:.2f}, "
+                    f"measured mean ratio {row.mean_ratio_to_adam[name]:.2f}, "
                     f"model {model:.2f}, measured/model {ratio:.2f}",
                 )
             )
     return targets
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a smoke run")
-    parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--steps", type=int, default=None)
+def main(argv: Sequence[str] | None = None) -> BenchmarkResult:
+    parser = cli.arguments(__doc__)
     parser.add_argument(
         "--batch-sizes",
         type=int,
@@ -287,18 +316,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--no-convergence", action="store_true")
     args = parser.parse_args(argv)
-    harness.limit_blas_threads()
+    running.limit_blas_threads()
     steps = args.steps or (60 if args.quick else 400)
     batch_sizes = args.batch_sizes or ([1024] if args.quick else [128, 256, 1024])
 
-    results: dict[str, Any] = {"problem": "mlp"}
+    comparison = None
     targets = []
     if not args.no_convergence:
-        results = harness.compare(
-            problem(), optimizers(args.quick), harness.Settings(steps=steps)
+        comparison = running.compare(
+            problem(), optimizers(args.quick), specs.Settings(steps=steps)
         )
-        harness.report(results)
-        targets.append(harness.time_to_target_target(results))
+        reporting.print_comparison(comparison)
+        targets.append(reporting.time_to_target(comparison))
     rows = step_cost(
         batch_sizes,
         rounds=2 if args.quick else 10,
@@ -306,13 +335,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     report_step_cost(rows)
     targets += step_cost_targets(rows)
-    results["step_cost"] = rows
-    results["targets"] = targets
     print()
-    harness.report_targets(targets)
-    for path in harness.save(results, args.out, plot=not args.no_convergence):
-        print(f"wrote {path}")
-    return results
+    reporting.print_targets(targets)
+    result = BenchmarkResult(
+        "mlp", comparison, sections={"step_cost": rows}, targets=tuple(targets)
+    )
+    storage.save(result, args.out)
+    return result
 
 
 if __name__ == "__main__":

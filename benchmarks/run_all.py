@@ -4,11 +4,11 @@ Usage:
     python -m benchmarks [--quick] [--out benchmarks/results] [--only mlp cnn]
 """
 
-import argparse
 import time
 from collections.abc import Sequence
 
-from benchmarks import autoencoder, cnn, layer_cost, mlp, transformer
+from benchmarks import autoencoder, cli, cnn, layer_cost, mlp, reporting, transformer
+from benchmarks.records import BenchmarkResult
 
 BENCHMARKS = {
     "autoencoder": autoencoder.main,
@@ -19,26 +19,24 @@ BENCHMARKS = {
 }
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smoke runs")
-    parser.add_argument("--out", default="benchmarks/results")
+def main(argv: Sequence[str] | None = None) -> dict[str, BenchmarkResult]:
+    parser = cli.arguments(__doc__, steps_help=None)
     parser.add_argument(
         "--only", nargs="+", choices=sorted(BENCHMARKS), default=list(BENCHMARKS)
     )
     args = parser.parse_args(argv)
-    results, targets = {}, []
+    results: dict[str, BenchmarkResult] = {}
+    targets = []
     for name in args.only:
         start = time.perf_counter()
         results[name] = BENCHMARKS[name](
             ["--out", args.out] + (["--quick"] if args.quick else [])
         )
-        targets += results[name].get("targets", [])
+        targets += results[name].targets or ()
         print(f"-- {name} took {time.perf_counter() - start:.0f} s\n")
     if targets:
         print("Targets of the benchmarks issue:")
-        for entry in targets:
-            print(f"[{entry['status']}] {entry['target']} ({entry['detail']})")
+        reporting.print_targets(targets)
     return results
 
 

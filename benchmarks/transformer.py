@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 import optax_ekfac as oek
-from benchmarks import data, harness
+from benchmarks import cli, data, records, specs
 
 SEQUENCE_LENGTH = 64
 
@@ -63,7 +63,7 @@ class LanguageModel(nn.Module):
 
 def problem(
     batch_size: int = 32, num_chars: int = 200_000, seed: int = 0
-) -> harness.Problem:
+) -> specs.Problem:
     """Next-character prediction on Python's source; target train loss 1.8
     nats per character."""
     text = data.python_source(num_chars)
@@ -74,7 +74,7 @@ def problem(
         logits = model.apply({"params": params}, windows[:, :-1])
         return oek.softmax_cross_entropy(logits, windows[:, 1:])  # [B, T]
 
-    return harness.Problem(
+    return specs.Problem(
         name="transformer",
         title=(
             f"Transformer LM (2 layers, width 64, {len(vocabulary)} characters) "
@@ -90,7 +90,7 @@ def problem(
     )
 
 
-def optimizers(quick: bool) -> list[harness.Optimizer]:
+def optimizers(quick: bool) -> list[specs.Optimizer]:
     """The four optimizers; the quick run keeps one setting of each."""
     # Token losses: the curvature is the mean loss's over B * T terms (it was
     # T = 64 times larger before, with the best setting lr 1e-1, damping 3e-1).
@@ -101,7 +101,7 @@ def optimizers(quick: bool) -> list[harness.Optimizer]:
     ]
     adam_learning_rates = [1e-3, 3e-3, 1e-2]
     sgd_learning_rates = [0.1, 0.3, 1.0]
-    return harness.standard_optimizers(
+    return specs.standard_optimizers(
         ekfac_sweep=ekfac_sweep,
         adam_learning_rates=adam_learning_rates,
         sgd_learning_rates=sgd_learning_rates,
@@ -111,10 +111,10 @@ def optimizers(quick: bool) -> list[harness.Optimizer]:
     )
 
 
-def main(argv: Sequence[str] | None = None):
-    return harness.main(
+def main(argv: Sequence[str] | None = None) -> records.BenchmarkResult:
+    return cli.convergence_main(
         argv,
-        __doc__.splitlines()[0],
+        __doc__,
         problem,
         optimizers,
         steps=300,

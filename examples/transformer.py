@@ -11,11 +11,10 @@ EKFAC block with two calls). The loss is per token, `[B, T]`: every
 next-character prediction is a loss term, and EKFAC treats each as one (the
 default `weight_sharing="expand"`). LayerNorm scales and biases get EKFAC's
 diagonal fallback. Both optimizers start from the same initialization and see
-the same mini-batches; each train step is compiled once with `jax.jit`, ahead of
-time, so the step timings exclude compilation. The script prints a table of final train
-and test loss (nats per character, on up to 512 windows), median step time,
-training wall-clock time and compile time, and saves a plot of the mini-batch
-loss against step and against seconds.
+the same mini-batches. The script prints each optimizer's final train and test
+loss (nats per character, on up to 512 windows) and its step times (the first
+step, which compiles, apart), and saves a plot of the mini-batch loss against
+step and against seconds.
 
 Runs offline, in about 30 seconds on a 2-core CPU.
 
@@ -24,17 +23,16 @@ Usage:
     python examples/transformer.py --steps 400 --batch-size 32 --module textwrap
 """
 
-import argparse
 import importlib
 import inspect
+from collections.abc import Sequence
 
-import compare
+import _shared
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from threadpoolctl import threadpool_limits
 
 import optax_ekfac as oek
 
@@ -90,24 +88,19 @@ def load_data(module, sequence_length):
     return windows(encoded[:split]), windows(encoded[split:]), vocabulary
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--out", default="transformer.png", help="plot path")
-    parser.add_argument("--seed", type=int, default=0)
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = _shared.arguments(__doc__, steps=100, batch_size=16, out="transformer.png")
     parser.add_argument("--module", default="argparse", help="source text")
     parser.add_argument("--sequence-length", type=int, default=64)
-    args = parser.parse_args()
-    # On CPU, jnp.linalg.eigh runs in scipy's OpenBLAS, whose threads compete
-    # with XLA's: on a busy machine one eigendecomposition can take 100x longer.
-    threadpool_limits(1, user_api="blas")
+    args = parser.parse_args(argv)
+    _shared.limit_blas_threads()
 
     train, test, vocabulary = load_data(args.module, args.sequence_length)
     print(
         f"{args.module}: {len(train)} train and {len(test)} test windows, "
         f"{len(vocabulary)} characters"
     )
+    batches = _shared.mini_batches(args, train)  # the same for both optimizers
     model = LanguageModel(vocab_size=len(vocabulary))
     init_params = model.init(jax.random.key(args.seed), train[:1, :-1])["params"]
 
@@ -115,14 +108,8 @@ def main():
         logits = model.apply({"params": params}, windows[:, :-1])
         return oek.softmax_cross_entropy(logits, windows[:, 1:])
 
-    # The same mini-batches for both optimizers: shuffled epochs, fixed seed.
-    rng = np.random.default_rng(args.seed)
-    epochs = -(-args.steps * args.batch_size // len(train))
-    order = np.concatenate([rng.permutation(len(train)) for _ in range(epochs)])
-    batches = order[: args.steps * args.batch_size].reshape(args.steps, -1)
-
     curvature = oek.Curvature(loss_fn)
-    layers = curvature.layers(init_params, train[batches[0]])
+    layers = curvature.layers(init_params, *batches[0])
     print(layers)
     # learning_rate at most about damping (see the README); both settings are
     # the best of the sweeps in benchmarks/transformer.py.
@@ -131,50 +118,28 @@ def main():
     )
     adam = optax.adam(3e-3)
 
+    @jax.jit
     def ekfac_step(params, opt_state, windows):
         loss, grads, stats = curvature.value_grad_and_stats(params, windows)
         updates, opt_state = ekfac.update(grads, opt_state, params, stats=stats)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    def adam_step(params, opt_state, windows):
-        mean_loss = lambda p: loss_fn(p, windows).mean()  # noqa: E731
-        loss, grads = jax.value_and_grad(mean_loss)(params)
-        updates, opt_state = adam.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    evaluate = jax.jit(lambda params, windows: loss_fn(params, windows).mean())
-
-    rows, curves = [], {}
-    for name, tx, step in [("ekfac", ekfac, ekfac_step), ("adam", adam, adam_step)]:
-        params, losses, seconds, compile_seconds = compare.train(
-            name,
-            step,
-            init_params,
-            tx.init(init_params),
-            [(train[batch],) for batch in batches],
-        )
-        train_loss = evaluate(params, train[:512])
-        test_loss = evaluate(params, test[:512])
-        step_ms, wall = 1e3 * np.median(seconds), sum(seconds)
-        rows.append(
-            f"{name:<10}{train_loss:>11.4f}{test_loss:>10.4f}"
-            f"{step_ms:>9.2f}{wall:>8.2f}{compile_seconds:>11.2f}"
-        )
-        curves[name] = (losses, seconds)
-
-    print(f"\n{args.steps} steps, batch size {args.batch_size}")
-    print(
-        f"{'optimizer':<10}{'train loss':>11}{'test loss':>10}"
-        f"{'step ms':>9}{'wall s':>8}{'compile s':>11}"
+    adam_step = _shared.optax_step(loss_fn, adam)  # the baseline: plain optax
+    runs = _shared.train_each(
+        init_params, batches, ekfac=(ekfac, ekfac_step), adam=(adam, adam_step)
     )
-    print("\n".join(rows))
 
-    compare.plot_losses(
-        curves,
+    def evaluate(params, windows):
+        return {"loss": loss_fn(params, windows).mean()}
+
+    _shared.print_results(
+        args, runs, jax.jit(evaluate), train=(train[:512],), test=(test[:512],)
+    )
+    _shared.plot_losses(
+        runs,
+        args,
+        f"Character transformer on {args.module}'s source",
         "mini-batch loss (nats per character)",
-        f"Character transformer on {args.module}'s source, "
-        f"batch size {args.batch_size}",
-        args.out,
     )
 
 

@@ -1,4 +1,4 @@
-"""Smoke test: the benchmark harness runs end to end on a tiny setting.
+"""Smoke test: the benchmarks' running, reporting and storage, end to end, tiny.
 
 Not a timing test: it checks that `benchmarks/` still fits the library (one
 trace per optimizer across its sweep, the numbers and files it reports), so
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import optax_ekfac as oek
-from benchmarks import cost, harness, mlp
+from benchmarks import cost, mlp, records, reporting, running, specs, storage
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def small_problem():
         return oek.softmax_cross_entropy(model.apply({"params": params}, x), y)
 
     params = model.init(jax.random.key(0), full.train[0][:1])["params"]
-    return harness.Problem(
+    return specs.Problem(
         name="smoke",
         title="smoke MLP",
         loss_fn=loss_fn,
@@ -41,40 +41,42 @@ def small_problem():
 
 def test_compare_runs_every_optimizer_with_one_trace(small_problem, tmp_path):
     optimizers = [
-        harness.ekfac(
+        specs.ekfac(
             [
                 {"learning_rate": 1e-3, "damping": 1e-2},
                 {"learning_rate": 3e-3, "damping": 1e-2},
             ],
             eigen_update_every=2,
         ),
-        harness.adam([1e-2]),
+        specs.adam([1e-2]),
     ]
-    settings = harness.Settings(steps=6, warmup_steps=2, eval_every=3)
-    results = harness.compare(small_problem, optimizers, settings, log=lambda _: None)
+    settings = specs.Settings(steps=6, warmup_steps=2, eval_every=3)
+    comparison = running.compare(
+        small_problem, optimizers, settings, log=lambda _: None
+    )
 
-    ekfac = results["optimizers"]["EKFAC"]
-    assert ekfac["traces"] == 1  # one compiled step serves the whole sweep
-    assert len(ekfac["runs"]) == 2
-    run = ekfac["runs"][0]
-    assert len(run["step_seconds"]) == 6
-    assert run["curve"]["step"] == [0, 3, 6]
-    assert np.isfinite(run["final_train_loss"])
-    assert run["final_train_loss"] < run["curve"]["train_loss"][0]
-    assert ekfac["memory"]["peak_bytes"] > 0
-    summary = results["summary"]
-    assert summary["Adam"]["median_step_ratio_to_adam"] == pytest.approx(1.0)
-    assert summary["EKFAC"]["median_step_ratio_to_adam"] > 0
+    ekfac = comparison.optimizers["EKFAC"]
+    assert ekfac.traces == 1  # one compiled step serves the whole sweep
+    assert len(ekfac.runs) == 2
+    run = ekfac.runs[0]
+    assert len(run.step_seconds) == 6
+    assert run.curve.step == (0, 3, 6)
+    assert np.isfinite(run.final_train_loss)
+    assert run.final_train_loss < run.curve.train_loss[0]
+    assert ekfac.memory.peak_bytes > 0
+    summary = comparison.summary
+    assert summary["Adam"].median_step_ratio_to_adam == pytest.approx(1.0)
+    assert summary["EKFAC"].median_step_ratio_to_adam > 0
 
-    paths = harness.save(results, tmp_path)
+    target = reporting.time_to_target(comparison)
+    assert target.status in ("MET", "MISSED", "NOT MEASURABLE")
+    result = records.BenchmarkResult("smoke", comparison, targets=(target,))
+    paths = storage.save(result, tmp_path, log=lambda _: None)
     assert sorted(p.name for p in paths) == ["smoke.json", "smoke.png"]
     saved = json.loads((tmp_path / "smoke.json").read_text())
     assert saved["summary"]["EKFAC"]["traces"] == 1
-    assert harness.time_to_target_target(results)["status"] in (
-        "MET",
-        "MISSED",
-        "NOT MEASURABLE",
-    )
+    assert saved["optimizers"]["EKFAC"]["runs"][0]["curve"]["step"] == [0, 3, 6]
+    assert saved["targets"][0]["status"] == target.status
 
 
 def test_flop_model_counts_the_issue_terms():

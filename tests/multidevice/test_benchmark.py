@@ -12,9 +12,9 @@ NUM_DEVICES = 4
 
 def test_distributed_eigh_benchmark_runs(tmp_path):
     argv = ["--quick", "--steps", "1", "--devices", str(NUM_DEVICES)]
-    results = distributed_eigh.main(argv + ["--out", str(tmp_path)])
+    result = distributed_eigh.main(argv + ["--out", str(tmp_path)])
     saved = json.loads((tmp_path / "distributed_eigh.json").read_text())
-    assert saved["ratio"] == results["ratio"] > 0
+    assert saved["ratio"] == result.sections["ratio"] > 0
     assert len(saved["shares"]) == NUM_DEVICES
     assert sorted(f for share in saved["shares"] for f in share) == sorted(
         factor["factor"] for factor in saved["factors"]
