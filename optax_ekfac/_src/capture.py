@@ -197,6 +197,11 @@ class Curvature:
         ...     params, x, y, key=jax.random.key(0))
     """
 
+    loss_fn: Callable[..., Any]
+    has_aux: bool
+    fisher_type: FisherType
+    num_samples: int
+
     def __init__(
         self,
         loss_fn: Callable[..., Any],

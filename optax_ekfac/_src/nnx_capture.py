@@ -37,7 +37,7 @@ from optax_ekfac._src.blocks import Layers, leaves_by_path
 from optax_ekfac._src.capture import Statistics
 
 # The layer methods whose calls the capture sees: (class, method name).
-_CAPTURED_METHODS = (
+_CAPTURED_METHODS: tuple[tuple[type, str], ...] = (
     (nnx.Linear, "__call__"),
     (nnx.LinearGeneral, "__call__"),
     (nnx.Conv, "__call__"),
@@ -140,7 +140,7 @@ class Curvature:
                 f"{type(model).__name__}; for a flax.linen model's params use "
                 "optax_ekfac.Curvature."
             )
-        graphdef, params, rest = nnx.split(model, self.wrt, ...)
+        graphdef, params, rest = nnx.split(model, self.wrt, ...)  # type: ignore[misc]
         return _OverParams(self, graphdef, rest), params
 
 
@@ -164,7 +164,7 @@ class _OverParams(capture.Curvature):
         with _calls_routed_to(router):
             result = self.loss_fn(model, *batch)
         losses, aux = capture._split_aux(result, self.loss_fn_has_aux)
-        _, _, rest = nnx.split(model, self.wrt, ...)
+        _, _, rest = nnx.split(model, self.wrt, ...)  # type: ignore[misc]
         return losses, (aux, rest)
 
 
@@ -176,9 +176,9 @@ def _module_paths(model: Any, params: nnx.State) -> dict[int, tuple[str, ...]]:
     reachable from several places (shared) has one path, the state's.
     """
     owners = {path[:-1] for path in leaves_by_path(params)}
-    paths = {}
-    for path, node in nnx.iter_graph(model):
-        path = tuple(str(name) for name in path)
+    paths: dict[int, tuple[str, ...]] = {}
+    for keys, node in nnx.iter_graph(model):
+        path = tuple(str(name) for name in keys)
         if isinstance(node, nnx.Module) and path in owners:
             paths.setdefault(id(node), path)
     return paths

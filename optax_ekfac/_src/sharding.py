@@ -139,7 +139,7 @@ def sum_over_examples(subscripts: str, *operands: jax.Array) -> jax.Array:
     return jnp.einsum(subscripts, *operands, out_sharding=replicated)
 
 
-def sharding_of(array: jax.Array) -> jax.sharding.Sharding:
+def sharding_of(array: jax.Array) -> jax.sharding.NamedSharding:
     """The sharding in `array`'s type (replicated for a fresh `jnp.zeros`).
 
     Scatter-adds of batch rows (sharded along the example axis under an

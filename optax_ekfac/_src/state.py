@@ -49,7 +49,7 @@ class ScaleByEkfacState(NamedTuple):
             average of `N g²`.
     """
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count
     stats_count: jax.Array
     scalings_count: jax.Array
     skipped_steps: jax.Array

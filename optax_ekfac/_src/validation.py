@@ -59,7 +59,7 @@ def checked_options(options: Options) -> Options:
                 "eigh_dtype must be jnp.float32 or jnp.float64 "
                 f"(or None for the factor dtype), got {eigh_dtype}.",
             )
-        if eigh_dtype == jnp.float64 and not jax.config.jax_enable_x64:
+        if eigh_dtype == jnp.float64 and not jax.config.read("jax_enable_x64"):
             raise error(
                 SCALE_BY_EKFAC,
                 "eigh_dtype=float64 needs 64-bit JAX: call "

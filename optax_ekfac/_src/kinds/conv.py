@@ -84,7 +84,8 @@ class Conv(LayerKind):
             return (value,) * num_spatial if isinstance(value, int) else tuple(value)
 
         padding = canonicalize_padding(module.padding, num_spatial)
-        padding = padding if isinstance(padding, str) else tuple(map(tuple, padding))
+        if not isinstance(padding, str):
+            padding = tuple((low, high) for low, high in padding)
         config = ConvConfig(
             kernel_size,
             broadcast(module.strides),
@@ -135,12 +136,12 @@ def _patches(block: Block, inputs: jax.Array) -> jax.Array:
         dilated_input = [
             (size - 1) * d + 1 for size, d in zip(inputs.shape[1:-1], input_dilation)
         ]
-        padding = jax.lax.padtype_to_pads(
-            dilated_input, dilated_kernel, strides, padding
-        )
+        pads = jax.lax.padtype_to_pads(dilated_input, dilated_kernel, strides, padding)
+    else:
+        pads = list(padding)
     pad_config = (
         [(0, 0, 0)]
-        + [(low, high, d - 1) for (low, high), d in zip(padding, input_dilation)]
+        + [(low, high, d - 1) for (low, high), d in zip(pads, input_dilation)]
         + [(0, 0, 0)]
     )
     inputs = jax.lax.pad(inputs, jnp.zeros((), inputs.dtype), pad_config)
