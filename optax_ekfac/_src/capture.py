@@ -134,10 +134,12 @@ class _Interceptor:
         shape = jax.ShapeDtypeStruct
         input_shape = shape(inputs.shape, inputs.dtype)
         call_shape = kind.describe(
-            name,
-            kinds.LinenNames(context.module),
-            input_shape,
-            shape(outputs.shape, outputs.dtype),
+            kinds.CallSite(
+                name,
+                kinds.LinenNames(context.module),
+                input_shape,
+                shape(outputs.shape, outputs.dtype),
+            )
         )
         self.calls.append(
             _Call(

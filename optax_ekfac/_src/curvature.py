@@ -72,15 +72,14 @@ def kronecker_factors(
 
 
 def diagonal_factors(
-    ids: jax.Array,
-    output_rows: jax.Array,
-    attend_rows: tuple[jax.Array, jax.Array] | None,
+    rows: tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array] | None],
     input_dim: int,
     num_terms: Any,
 ) -> tuple[jax.Array, jax.Array]:
     """`diag(A)` and `B` of one batch of one-hot rows: token ids `[N, P]`,
     output rows `[N, P, F]`, and the `(vocabulary, feature)` rows of calls
     with the sides swapped (`Embed.attend`), or None."""
+    ids, output_rows, attend_rows = rows
     num_examples, num_positions = output_rows.shape[:2]
     # One-hot rows: diag(A) counts the tokens; attend rows add their squares.
     input_factor = jnp.zeros(input_dim, output_rows.dtype)
@@ -170,15 +169,15 @@ def scalings(
 
 
 def diagonal_scalings(
-    ids: jax.Array,
-    output_rows: jax.Array,
-    attend_rows: tuple[jax.Array, jax.Array] | None,
+    rows: tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array] | None],
     output_basis: jax.Array,
     input_dim: int,
     num_terms: Any,
 ) -> jax.Array:
     """Per-position scalings of one-hot rows (the input basis is the identity):
-    row `id` of `S` gathers `(U_Bᵀ d)²` of that token, `(1/N)`-scaled."""
+    row `id` of `S` gathers `(U_Bᵀ d)²` of that token, `(1/N)`-scaled; `rows`
+    as for `diagonal_factors`."""
+    ids, output_rows, attend_rows = rows
     projected_outputs = output_rows @ output_basis
     output_dim = projected_outputs.shape[-1]
     squares = jnp.square(projected_outputs).reshape(-1, output_dim)

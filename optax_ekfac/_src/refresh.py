@@ -18,13 +18,13 @@ import jax
 import jax.numpy as jnp
 
 from optax_ekfac._src import curvature, sharding
-from optax_ekfac._src.blocks import Block
+from optax_ekfac._src.blocks import Block, Layers
 from optax_ekfac._src.capture import Statistics
 from optax_ekfac._src.kinds import Rows
 from optax_ekfac._src.options import Options
 from optax_ekfac._src.state import BlockState, ScaleByEkfacState
 
-Bases = tuple[jax.Array | None, jax.Array, jax.Array]  # U_A, U_B, S
+BasesAndScalings = tuple[jax.Array | None, jax.Array, jax.Array]  # U_A, U_B, S
 
 
 class Schedule(NamedTuple):
@@ -47,6 +47,34 @@ def schedule(state: ScaleByEkfacState, finite: jax.Array, options: Options) -> S
         refresh_eigen, 0, state.scalings_count
     ) + refresh_stats.astype(jnp.int32)
     return Schedule(refresh_stats, refresh_eigen, stats_count, scalings_count)
+
+
+def maybe_refreshed(
+    layers: Layers,
+    state: ScaleByEkfacState,
+    stats: Statistics,
+    grads: dict,
+    schedule: Schedule,
+    options: Options,
+) -> tuple[dict[str, BlockState], dict[str, jax.Array]]:
+    """The blocks (factors, eigenbases when due, scalings) and the fallback's
+    second moments after this batch, or as they were when the schedule skips
+    the refresh: one `lax.cond`."""
+
+    def refreshed(blocks, second_moments):
+        blocks = refreshed_blocks(layers.blocks, blocks, stats, options, schedule)
+        second_moments = refreshed_second_moments(
+            second_moments, grads, stats.num_terms, options, schedule.stats_count
+        )
+        return blocks, second_moments
+
+    return jax.lax.cond(
+        schedule.refresh_stats,
+        refreshed,
+        lambda blocks, second_moments: (blocks, second_moments),
+        state.blocks,
+        state.second_moments,
+    )
 
 
 def initial_block_state(block: Block, dtype: Any) -> BlockState:
@@ -156,9 +184,8 @@ def _refreshed_factors(
     input_rows, output_rows, attend_rows = rows
 
     def batch_factors(input_rows, output_rows):
-        return block.layer_kind.batch_factors(
-            block, input_rows, output_rows, attend_rows, num_terms, options
-        )
+        group_rows = (input_rows, output_rows, attend_rows)
+        return block.layer_kind.batch_factors(block, group_rows, num_terms, options)
 
     if block.grouped:
         batch_factors = jax.vmap(batch_factors)
@@ -173,7 +200,7 @@ def _refreshed_factors(
 def _refreshed_scalings(
     block: Block,
     rows: Rows,
-    bases: Bases,
+    bases: BasesAndScalings,
     num_terms: Any,
     options: Options,
     scalings_count: jax.Array,
@@ -183,13 +210,10 @@ def _refreshed_scalings(
     input_basis, output_basis, scalings = bases
 
     def batch_scalings(input_rows, output_rows, input_basis, output_basis):
+        group_rows = (input_rows, output_rows, attend_rows)
+        group_bases = (input_basis, output_basis)
         return block.layer_kind.batch_scalings(
-            block,
-            (input_rows, output_rows, attend_rows),
-            input_basis,
-            output_basis,
-            num_terms,
-            options,
+            block, group_rows, group_bases, num_terms, options
         )
 
     if block.grouped:
@@ -202,7 +226,7 @@ def _eigenbases(
     blocks: tuple[Block, ...],
     factors: dict[str, tuple[jax.Array, jax.Array]],
     options: Options,
-) -> dict[str, Bases]:
+) -> dict[str, BasesAndScalings]:
     """Per block `(U_A, U_B, outer(eigvals(A), eigvals(B)))` of new factors.
 
     With `options.distribute_eigh` and a mesh whose `options.axis_name` has

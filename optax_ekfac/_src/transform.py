@@ -175,22 +175,8 @@ def scale_by_ekfac(
         # refresh (no eigh of a NaN factor) and leaves the state as it was.
         finite = _all_finite(updates, stats.layers)
         schedule = refresh.schedule(state, finite, options)
-
-        def refresh_statistics(blocks, second_moments):
-            blocks = refresh.refreshed_blocks(
-                layers.blocks, blocks, stats, options, schedule
-            )
-            second_moments = refresh.refreshed_second_moments(
-                second_moments, grads, stats.num_terms, options, schedule.stats_count
-            )
-            return blocks, second_moments
-
-        blocks, second_moments = jax.lax.cond(
-            schedule.refresh_stats,
-            refresh_statistics,
-            lambda blocks, second_moments: (blocks, second_moments),
-            state.blocks,
-            state.second_moments,
+        blocks, second_moments = refresh.maybe_refreshed(
+            layers, state, stats, grads, schedule, options
         )
         directions = _preconditioned_blocks(layers.blocks, blocks, grads, options)
         directions |= _fallback_directions(second_moments, grads, options.damping)

@@ -15,7 +15,14 @@ and registering an instance in `KINDS` below.
 import flax.linen as nn
 from flax import nnx
 
-from optax_ekfac._src.kinds.base import CallShape, LayerKind, LinenNames, Rows
+from optax_ekfac._src.kinds.base import (
+    Bases,
+    CallShape,
+    CallSite,
+    LayerKind,
+    LinenNames,
+    Rows,
+)
 from optax_ekfac._src.kinds.conv import Conv, ConvConfig
 from optax_ekfac._src.kinds.dense import Dense
 from optax_ekfac._src.kinds.dense_general import DenseGeneral, DenseGeneralConfig
@@ -53,7 +60,9 @@ def kind_of(module: nn.Module | nnx.Module, method_name: str) -> LayerKind | Non
 __all__ = [
     "KINDS",
     "SUPPORTED",
+    "Bases",
     "CallShape",
+    "CallSite",
     "Conv",
     "ConvConfig",
     "Dense",

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -35,6 +35,24 @@ if TYPE_CHECKING:
 ParamShapes = tuple[tuple[str, tuple[int, ...]], ...]
 # Input rows, output rows, and a tied embedding's `attend` rows (or None).
 Rows = tuple[jax.Array, jax.Array, "tuple[jax.Array, jax.Array] | None"]
+# The eigenbases `(U_A, U_B)` of one group (`U_A` None: the identity).
+Bases = tuple["jax.Array | None", jax.Array]
+
+
+class CallSite(NamedTuple):
+    """One call as the capture sees it while tracing `loss_fn`.
+
+    Attributes:
+        name: the block's name, for errors.
+        module: the module's settings under linen's names.
+        inputs: the shape and dtype of the layer input.
+        outputs: the shape and dtype of the layer output.
+    """
+
+    name: str
+    module: "LinenNames"
+    inputs: jax.ShapeDtypeStruct
+    outputs: jax.ShapeDtypeStruct
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,13 +84,7 @@ class LayerKind:
         """Whether a call of `module.method_name` is a block of this kind."""
         raise NotImplementedError
 
-    def describe(
-        self,
-        name: str,
-        module: LinenNames,
-        inputs: jax.ShapeDtypeStruct,
-        outputs: jax.ShapeDtypeStruct,
-    ) -> CallShape:
+    def describe(self, call: CallSite) -> CallShape:
         """The block one call implies; raises if the capture can't use it."""
         raise NotImplementedError
 
@@ -168,25 +180,19 @@ class LayerKind:
         del method
         return (block.input_dim - block.has_bias) * block.num_groups
 
-    def fits_inputs(
-        self,
-        block: Block,
-        inputs: tuple[int, ...],
-        outputs: tuple[int, ...],
-        method: str,
-    ) -> bool:
+    def fits_inputs(self, block: Block, call: LayerStats, method: str) -> bool:
         """Whether a call's input shape fits the block."""
-        del outputs
-        return inputs[-1] == self.expected_input_features(block, method)
+        return call.inputs.shape[-1] == self.expected_input_features(block, method)
 
     def output_feature_axes(self, block: Block) -> int:
         """How many trailing axes of the output are features."""
         del block
         return 1
 
-    def fits_outputs(self, block: Block, outputs: tuple[int, ...], method: str) -> bool:
+    def fits_outputs(self, block: Block, call: LayerStats, method: str) -> bool:
         """Whether a call's output shape fits the block."""
         del method
+        outputs = call.output_grads.shape
         num_axes = self.output_feature_axes(block)
         features = math.prod(outputs[len(outputs) - num_axes :])
         return features == block.output_dim * block.num_groups
@@ -195,8 +201,8 @@ class LayerKind:
         """Why one call's statistics do not fit the block, or None if they do."""
         inputs, outputs = call.inputs.shape, call.output_grads.shape
         if (
-            self.fits_inputs(block, inputs, outputs, method)
-            and self.fits_outputs(block, outputs, method)
+            self.fits_inputs(block, call, method)
+            and self.fits_outputs(block, call, method)
             and inputs[:1] == outputs[:1]
         ):
             return None
@@ -246,32 +252,23 @@ class LayerKind:
     # --- curvature from rows (one group) -----------------------------------------
 
     def batch_factors(
-        self,
-        block: Block,
-        input_rows: jax.Array,
-        output_rows: jax.Array,
-        attend_rows: tuple[jax.Array, jax.Array] | None,
-        num_terms: Any,
-        options: Options,
+        self, block: Block, rows: Rows, num_terms: Any, options: Options
     ) -> tuple[jax.Array, jax.Array]:
         """`A` and `B` of one batch (see `curvature.kronecker_factors`)."""
-        del block, attend_rows
+        del block
+        input_rows, output_rows, _ = rows
         return curvature.kronecker_factors(
             input_rows, output_rows, num_terms, options.reduce_positions
         )
 
     def batch_scalings(
-        self,
-        block: Block,
-        rows: Rows,
-        input_basis: jax.Array | None,
-        output_basis: jax.Array,
-        num_terms: Any,
-        options: Options,
+        self, block: Block, rows: Rows, bases: Bases, num_terms: Any, options: Options
     ) -> jax.Array:
-        """`S` of one batch in the given eigenbases (see `curvature.scalings`)."""
+        """`S` of one batch in the eigenbases `(U_A, U_B)` (see
+        `curvature.scalings`)."""
         del block
         input_rows, output_rows, _ = rows
+        input_basis, output_basis = bases
         assert input_basis is not None
         return curvature.scalings(
             input_rows,

@@ -22,7 +22,12 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.linen.linear import canonicalize_padding
 
-from optax_ekfac._src.kinds.base import CallShape, LayerKind, LinenNames, as_tuple
+from optax_ekfac._src.kinds.base import (
+    CallShape,
+    CallSite,
+    LayerKind,
+    as_tuple,
+)
 
 if TYPE_CHECKING:
     from optax_ekfac._src.blocks import Block
@@ -60,13 +65,8 @@ class Conv(LayerKind):
             and module.mask is None
         )
 
-    def describe(
-        self,
-        name: str,
-        module: LinenNames,
-        inputs: jax.ShapeDtypeStruct,
-        outputs: jax.ShapeDtypeStruct,
-    ) -> CallShape:
+    def describe(self, call: CallSite) -> CallShape:
+        name, module, inputs, outputs = call
         self.require_example_axis(name, inputs)
         kernel_size = as_tuple(module.kernel_size)
         num_spatial = len(kernel_size)

@@ -6,10 +6,9 @@ positions) is a position of the example.
 """
 
 import flax.linen as nn
-import jax
 from flax import nnx
 
-from optax_ekfac._src.kinds.base import CallShape, LayerKind, LinenNames
+from optax_ekfac._src.kinds.base import CallShape, CallSite, LayerKind
 
 
 class Dense(LayerKind):
@@ -20,13 +19,8 @@ class Dense(LayerKind):
     def recognises(self, module: nn.Module | nnx.Module, method_name: str) -> bool:
         return method_name == "__call__" and isinstance(module, nn.Dense | nnx.Linear)
 
-    def describe(
-        self,
-        name: str,
-        module: LinenNames,
-        inputs: jax.ShapeDtypeStruct,
-        outputs: jax.ShapeDtypeStruct,
-    ) -> CallShape:
+    def describe(self, call: CallSite) -> CallShape:
+        name, module, inputs, outputs = call
         self.require_example_axis(name, inputs)
         d_in, d_out = inputs.shape[-1], outputs.shape[-1]
         params: tuple[tuple[str, tuple[int, ...]], ...] = (("kernel", (d_in, d_out)),)

@@ -18,10 +18,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from optax_ekfac._src.kinds.base import CallShape, LayerKind, LinenNames, as_tuple
+from optax_ekfac._src.kinds.base import (
+    CallShape,
+    CallSite,
+    LayerKind,
+    LinenNames,
+    as_tuple,
+)
 
 if TYPE_CHECKING:
-    from optax_ekfac._src.blocks import Block
+    from optax_ekfac._src.blocks import Block, LayerStats
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,13 +55,8 @@ class DenseGeneral(LayerKind):
             and not LinenNames(module).batch_dims
         )
 
-    def describe(
-        self,
-        name: str,
-        module: LinenNames,
-        inputs: jax.ShapeDtypeStruct,
-        outputs: jax.ShapeDtypeStruct,
-    ) -> CallShape:
+    def describe(self, call: CallSite) -> CallShape:
+        name, module, inputs, outputs = call
         self.require_example_axis(name, inputs)
         axes = tuple(a % inputs.ndim for a in as_tuple(module.axis))
         if 0 in axes:
@@ -83,14 +84,8 @@ class DenseGeneral(LayerKind):
         inputs = jnp.moveaxis(inputs, axes, tuple(range(-len(axes), 0)))
         return inputs.reshape(inputs.shape[: -len(axes)] + (-1,))
 
-    def fits_inputs(
-        self,
-        block: Block,
-        inputs: tuple[int, ...],
-        outputs: tuple[int, ...],
-        method: str,
-    ) -> bool:
-        del outputs
+    def fits_inputs(self, block: Block, call: LayerStats, method: str) -> bool:
+        inputs = call.inputs.shape
         axes = block.config.axes
         return max(axes) < len(inputs) and (
             math.prod(inputs[a] for a in axes)

@@ -20,7 +20,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from optax_ekfac._src import curvature
-from optax_ekfac._src.kinds.base import CallShape, LayerKind, LinenNames, Rows
+from optax_ekfac._src.kinds.base import (
+    Bases,
+    CallShape,
+    CallSite,
+    LayerKind,
+    Rows,
+)
 from optax_ekfac._src.sharding import reshape_keeping
 
 if TYPE_CHECKING:
@@ -40,13 +46,8 @@ class Embed(LayerKind):
             "attend",
         )
 
-    def describe(
-        self,
-        name: str,
-        module: LinenNames,
-        inputs: jax.ShapeDtypeStruct,
-        outputs: jax.ShapeDtypeStruct,
-    ) -> CallShape:
+    def describe(self, call: CallSite) -> CallShape:
+        name, module, inputs, outputs = call
         if inputs.shape[-1:] == (module.features,) and outputs.shape[-1:] == (
             module.num_embeddings,
         ):  # attend: queries in, logits over the vocabulary out
@@ -129,22 +130,17 @@ class Embed(LayerKind):
     def expected_input_features(self, block: Block, method: str) -> int | None:
         return block.output_dim if method == "attend" else None
 
-    def fits_inputs(
-        self,
-        block: Block,
-        inputs: tuple[int, ...],
-        outputs: tuple[int, ...],
-        method: str,
-    ) -> bool:
+    def fits_inputs(self, block: Block, call: LayerStats, method: str) -> bool:
+        inputs, outputs = call.inputs.shape, call.output_grads.shape
         if method == "attend":  # queries in, logits over the vocabulary out
             return inputs[-1:] == (block.output_dim,) and (
                 outputs[-1:] == (block.input_dim,)
             )
         return inputs == outputs[:-1]
 
-    def fits_outputs(self, block: Block, outputs: tuple[int, ...], method: str) -> bool:
+    def fits_outputs(self, block: Block, call: LayerStats, method: str) -> bool:
         # attend: its vocabulary-sized outputs are checked with its inputs.
-        return method == "attend" or super().fits_outputs(block, outputs, method)
+        return method == "attend" or super().fits_outputs(block, call, method)
 
     def misfit(self, block: Block, call: LayerStats, method: str) -> str | None:
         problem = super().misfit(block, call, method)
@@ -157,29 +153,16 @@ class Embed(LayerKind):
         return problem
 
     def batch_factors(
-        self,
-        block: Block,
-        input_rows: jax.Array,
-        output_rows: jax.Array,
-        attend_rows: tuple[jax.Array, jax.Array] | None,
-        num_terms: Any,
-        options: Options,
+        self, block: Block, rows: Rows, num_terms: Any, options: Options
     ) -> tuple[jax.Array, jax.Array]:
         del options
-        return curvature.diagonal_factors(
-            input_rows, output_rows, attend_rows, block.input_dim, num_terms
-        )
+        return curvature.diagonal_factors(rows, block.input_dim, num_terms)
 
     def batch_scalings(
-        self,
-        block: Block,
-        rows: Rows,
-        input_basis: jax.Array | None,
-        output_basis: jax.Array,
-        num_terms: Any,
-        options: Options,
+        self, block: Block, rows: Rows, bases: Bases, num_terms: Any, options: Options
     ) -> jax.Array:
-        del input_basis, options
+        del options
+        _, output_basis = bases  # the input basis is the identity
         return curvature.diagonal_scalings(
-            *rows, output_basis, block.input_dim, num_terms
+            rows, output_basis, block.input_dim, num_terms
         )
