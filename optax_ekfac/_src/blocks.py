@@ -57,7 +57,8 @@ class Block:
     Attributes:
         name: the module path, e.g. `"encoder/Dense_0"`; keys the statistics
             and the optimizer state.
-        kind: the layer kind: `"Dense"`, `"DenseGeneral"`, `"Conv"`, `"Embed"`.
+        kind: the layer kind: `"Dense"`, `"DenseGeneral"`, `"Conv"`, `"Embed"`;
+            `layer_kind` is its implementation, from the registry in `kinds/`.
         param_paths: paths of the parameters the block owns in the params
             tree: the kernel (or embedding), then the bias if there is one.
         input_dim: size of the input factor `A` of one group (`d_in`, plus 1
