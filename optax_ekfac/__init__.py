@@ -1,8 +1,10 @@
 """optax_ekfac: EKFAC preconditioning for Flax models as optax transformations."""
 
 from optax_ekfac import nnx
-from optax_ekfac.capture import Curvature, Statistics
-from optax_ekfac.diagnostics import (
+from optax_ekfac._src.blocks import Block, Layers, LayerStats
+from optax_ekfac._src.capture import Curvature, Statistics
+from optax_ekfac._src.curvature import precondition, relative_damping_floor
+from optax_ekfac._src.diagnostics import (
     BlockDistances,
     ekfac_block,
     fisher_block,
@@ -11,20 +13,13 @@ from optax_ekfac.diagnostics import (
     kfac_block,
     per_example_gradients,
 )
-from optax_ekfac.layers import Block, Layers, LayerStats
-from optax_ekfac.losses import (
+from optax_ekfac._src.losses import (
     sigmoid_binary_cross_entropy,
     softmax_cross_entropy,
     squared_error,
 )
-from optax_ekfac.transform import (
-    BlockState,
-    ScaleByEkfacState,
-    ekfac,
-    precondition,
-    relative_damping_floor,
-    scale_by_ekfac,
-)
+from optax_ekfac._src.state import BlockState, ScaleByEkfacState
+from optax_ekfac._src.transform import ekfac, scale_by_ekfac
 
 __version__ = "0.1.0"
 

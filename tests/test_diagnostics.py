@@ -11,7 +11,7 @@ import reference
 from flax import traverse_util
 
 import optax_ekfac as oek
-from optax_ekfac import layers as layers_lib
+from optax_ekfac._src import blocks
 
 per_example = jax.jit(reference.per_example, static_argnums=(0, 3))
 per_example_param_grads = jax.jit(reference.per_example_param_grads, static_argnums=0)
@@ -77,7 +77,7 @@ MODELS = {
 
 
 def _subtree(tree, paths):
-    leaves = layers_lib.leaves_by_path(tree)
+    leaves = blocks.leaves_by_path(tree)
     return traverse_util.unflatten_dict({path: leaves[path] for path in paths})
 
 

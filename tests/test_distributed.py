@@ -12,7 +12,7 @@ import pytest
 import reference
 
 import optax_ekfac as oek
-from optax_ekfac import distributed
+from optax_ekfac._src import sharding
 
 
 @pytest.mark.parametrize(
@@ -24,7 +24,7 @@ from optax_ekfac import distributed
     ],
 )
 def test_balanced_assignment_is_greedy_and_complete(costs, num_devices):
-    shares = distributed.balanced_assignment(costs, num_devices)
+    shares = sharding.balanced_assignment(costs, num_devices)
     assert len(shares) == num_devices
     tasks = sorted(task for share in shares for task in share)
     assert tasks == list(range(len(costs)))
@@ -36,15 +36,15 @@ def test_balanced_assignment_is_greedy_and_complete(costs, num_devices):
 
 
 def test_balanced_assignment_splits_equal_costs_evenly():
-    shares = distributed.balanced_assignment([1.0] * 8, 4)
+    shares = sharding.balanced_assignment([1.0] * 8, 4)
     assert [len(share) for share in shares] == [2, 2, 2, 2]
 
 
 def test_map_over_axis_without_a_mesh_is_a_comprehension():
     matrices = [jnp.eye(2), 2 * jnp.eye(3)]
-    results = distributed.map_over_axis(jnp.trace, matrices, [8, 27], "data")
+    results = sharding.map_over_axis(jnp.trace, matrices, [8, 27], "data")
     assert [float(r) for r in results] == [2.0, 6.0]
-    assert distributed.axis_size("data") == 1
+    assert sharding.axis_size("data") == 1
 
 
 @pytest.fixture(scope="module")

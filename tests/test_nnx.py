@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 import optax_ekfac as oek
-from optax_ekfac import layers as layers_lib
+from optax_ekfac._src import blocks
 
 F64 = dict(param_dtype=jnp.float64)
 LINEAR_CALL = nnx.Linear.__dict__["__call__"]
@@ -141,14 +141,14 @@ def twins(request):
         per_example = jax.vmap(
             jax.grad(example_loss), in_axes=(None,) + (0,) * len(batch)
         )(state, *batch)
-        per_example = layers_lib.leaves_by_path(per_example)
+        per_example = blocks.leaves_by_path(per_example)
         # Per block: G_n from the rows, and from vmap(grad).
         block_gradients = {
             block.name: (
-                layers_lib.per_example_block_gradients(
+                blocks.per_example_block_gradients(
                     block, stats.layers[block.name], jnp.float64
                 ),
-                jax.vmap(lambda leaves, b=block: layers_lib.block_matrix(b, leaves))(
+                jax.vmap(lambda leaves, b=block: blocks.block_matrix(b, leaves))(
                     per_example
                 ),
             )
@@ -396,7 +396,7 @@ def test_wrt_leaves_frozen_layers_uncaptured():
     layers = curvature.layers(model, x, y)
     assert [block.name for block in layers.blocks] == ["head"]
     _, grads, stats = nnx.jit(curvature.value_grad_and_stats)(model, x, y)
-    assert set(layers_lib.leaves_by_path(grads)) == {("head", "kernel")}
+    assert set(blocks.leaves_by_path(grads)) == {("head", "kernel")}
     assert set(stats.layers) == {"head"}
 
 
@@ -421,7 +421,7 @@ def test_a_shared_module_is_one_block_at_its_state_path():
         ("decoder", 2),
         ("head", 1),
     ]
-    assert set(layers_lib.leaves_by_path(nnx.state(model, nnx.Param))) == {
+    assert set(blocks.leaves_by_path(nnx.state(model, nnx.Param))) == {
         path for block in layers.blocks for path in block.param_paths
     }
 

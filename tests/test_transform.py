@@ -347,3 +347,54 @@ def test_decay_is_per_update_when_statistics_are_amortized(setup):
         chex.assert_trees_all_close(
             state.blocks[name].input_factor, expected, rtol=1e-10
         )
+
+
+def test_ekfac_under_inject_hyperparams(setup):
+    """`optax.inject_hyperparams(oek.ekfac)` works as for `optax.adamw`: the
+    injected learning rate and damping are in the state, and changing them
+    changes the update."""
+    tx = optax.inject_hyperparams(oek.ekfac)(
+        setup["layers"], learning_rate=0.1, damping=1e-3
+    )
+    params = setup["params"]
+    state = tx.init(params)
+    assert {"learning_rate", "damping"} <= set(state.hyperparams)
+    np.testing.assert_allclose(state.hyperparams["learning_rate"], 0.1)
+    np.testing.assert_allclose(state.hyperparams["damping"], 1e-3)
+
+    @jax.jit
+    def step(params, state, batch):
+        _, grads, stats = setup["value_grad_and_stats"](params, *batch)
+        updates, state = tx.update(grads, state, params, stats=stats)
+        return optax.apply_updates(params, updates), state, updates
+
+    losses = []
+    for seed in range(4):
+        batch = _batch(16, seed)
+        loss = jnp.mean(
+            oek.softmax_cross_entropy(
+                setup["model"].apply({"params": params}, batch[0]), batch[1]
+            )
+        )
+        losses.append(float(loss))
+        params, state, _ = step(params, state, batch)
+    assert np.all(np.isfinite(losses))
+    assert int(state.inner_state[0].count) == 4
+
+    # The same step with other injected values gives another update.
+    _, _, updates = step(params, state, setup["batch"])
+    changed = {
+        "learning_rate": state.hyperparams["learning_rate"] * 0.5,
+        "damping": state.hyperparams["damping"] * 100,
+    }
+    for name, value in changed.items():
+        hyperparams = dict(state.hyperparams, **{name: value})
+        _, _, other = step(
+            params, state._replace(hyperparams=hyperparams), setup["batch"]
+        )
+        differences = jax.tree.map(lambda a, b: jnp.abs(a - b).max(), updates, other)
+        assert max(jax.tree.leaves(differences)) > 1e-6, name
+    # Halving the learning rate halves the update.
+    hyperparams = dict(state.hyperparams, learning_rate=changed["learning_rate"])
+    _, _, halved = step(params, state._replace(hyperparams=hyperparams), setup["batch"])
+    chex.assert_trees_all_close(halved, jax.tree.map(lambda u: u / 2, updates))

@@ -23,7 +23,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import optax_ekfac as oek
-from optax_ekfac import distributed
+from optax_ekfac._src import sharding
 
 NUM_DEVICES = 4
 NUM_EXAMPLES = 16
@@ -330,7 +330,7 @@ def test_each_device_decomposes_only_its_share(explicit_step):
     for share, load in zip(shares, loads):
         assert load - min(map(_cost, share)) <= min(loads), loads
     costs = [_cost(shape) for shape in factors]
-    expected = distributed.balanced_assignment(costs, NUM_DEVICES)
+    expected = sharding.balanced_assignment(costs, NUM_DEVICES)
     assert shares == [sorted(factors[i] for i in share) for share in expected]
 
     # The compiled program: the eigh calls sit in the branches of one

@@ -22,7 +22,7 @@ import dataclasses
 import math
 import numbers
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 import flax.linen as nn
 import jax
@@ -30,11 +30,19 @@ import jax.numpy as jnp
 import optax
 from flax.core import tracers
 
-from optax_ekfac import layers as layers_lib
-from optax_ekfac import losses as losses_lib
-from optax_ekfac.layers import SUPPORTED, Block, Layers, LayerStats
+from optax_ekfac._src import kinds
+from optax_ekfac._src.blocks import (
+    Block,
+    Layers,
+    LayerStats,
+    block_name,
+    leaves_by_path,
+)
+from optax_ekfac._src.kinds import SUPPORTED
+from optax_ekfac._src.losses import sampling
 
-FISHER_TYPES = ("empirical", "mc")
+FisherType = Literal["empirical", "mc"]
+FISHER_TYPES = get_args(FisherType)
 
 
 class Statistics(NamedTuple):
@@ -73,7 +81,7 @@ class _Call:
     module_path: tuple[str, ...]
     kind: str
     method: str
-    shape: layers_lib.CallShape
+    shape: kinds.CallShape
     inputs: jax.ShapeDtypeStruct
     outputs: jax.ShapeDtypeStruct
 
@@ -96,14 +104,14 @@ class _Interceptor:
         self.loss_trace = None
 
     def __call__(self, next_fun, args, kwargs, context):
-        kind = layers_lib.kind_of(context.module, context.method_name)
+        kind = kinds.kind_of(context.module, context.method_name)
         if kind is None:
             return next_fun(*args, **kwargs)
         module_path = _module_path(context)
-        name = layers_lib.block_name(module_path)
+        name = block_name(module_path)
         if tracers.current_trace() != self.loss_trace:
             raise ValueError(
-                f"{name}: this {kind} layer runs inside a JAX transformation "
+                f"{name}: this {kind.name} layer runs inside a JAX transformation "
                 "within loss_fn (nn.remat, nn.scan, nn.vmap, their nnx "
                 "counterparts, jax.checkpoint, ...), where the capture cannot "
                 "record its input. Not supported "
@@ -125,18 +133,19 @@ class _Interceptor:
             outputs = outputs + self.perturbations[index]
         shape = jax.ShapeDtypeStruct
         input_shape = shape(inputs.shape, inputs.dtype)
-        call_shape = layers_lib.describe_call(
-            kind,
-            context.module,
-            input_shape,
-            shape(outputs.shape, outputs.dtype),
-            name=name,
+        call_shape = kind.describe(
+            kinds.CallSite(
+                name,
+                kinds.LinenNames(context.module),
+                input_shape,
+                shape(outputs.shape, outputs.dtype),
+            )
         )
         self.calls.append(
             _Call(
                 name=name,
                 module_path=module_path,
-                kind=kind,
+                kind=kind.name,
                 method=context.method_name,
                 shape=call_shape,
                 inputs=input_shape,
@@ -190,12 +199,17 @@ class Curvature:
         ...     params, x, y, key=jax.random.key(0))
     """
 
+    loss_fn: Callable[..., Any]
+    has_aux: bool
+    fisher_type: FisherType
+    num_samples: int
+
     def __init__(
         self,
         loss_fn: Callable[..., Any],
         *,
         has_aux: bool = False,
-        fisher_type: str = "empirical",
+        fisher_type: FisherType = "empirical",
         num_samples: int = 1,
     ):
         if fisher_type not in FISHER_TYPES:
@@ -241,9 +255,7 @@ class Curvature:
             raise ValueError(f"loss_fn returned losses of dtype {losses.dtype}.")
         return losses, aux
 
-    def _trace_calls(
-        self, params, batch
-    ) -> tuple[list[_Call], jax.ShapeDtypeStruct]:
+    def _trace_calls(self, params, batch) -> tuple[list[_Call], jax.ShapeDtypeStruct]:
         """The block calls and the losses' shape, from shapes alone."""
         interceptor = _Interceptor()
         losses = jax.eval_shape(
@@ -402,7 +414,7 @@ class Curvature:
 
         def losses_and_sampled(params, perturbations):
             interceptor = _Interceptor(perturbations)
-            with losses_lib.sampling(key, num_samples) as sampled:
+            with sampling(key, num_samples) as sampled:
                 losses, aux = self._losses(params, batch, interceptor)
             if not sampled.losses:
                 raise ValueError(
@@ -487,7 +499,7 @@ def _samples_as_examples(stacked: jax.Array) -> jax.Array:
 
 def _layers_from_calls(calls: list[_Call], params: optax.Params) -> Layers:
     """Groups calls into blocks and matches them to the params tree."""
-    leaves = layers_lib.leaves_by_path(params)
+    leaves = leaves_by_path(params)
     calls_by_name: dict[str, list[_Call]] = {}
     for call in calls:
         calls_by_name.setdefault(call.name, []).append(call)

@@ -2,7 +2,7 @@
 
 The statistics of a batch already hold every block's per-example gradients:
 `G_n = Σ_p a_{n,p} d_{n,p}ᵀ` from the input rows `a` and output rows `d`
-(`layers.per_example_block_gradients`, the one implementation the optimizer's
+(each kind's `per_example_gradients`, the one implementation the optimizer's
 rows come from too; a tied embedding's `attend` calls included). From them:
 
 * `per_example_gradients` and `gradient_variance`, in the parameters' shapes;
@@ -27,10 +27,9 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
-from optax_ekfac import layers as layers_lib
-from optax_ekfac.capture import Statistics
-from optax_ekfac.layers import Block, Layers
-from optax_ekfac.transform import BlockState, ScaleByEkfacState
+from optax_ekfac._src.blocks import Block, Layers, leaves_by_path
+from optax_ekfac._src.capture import Statistics
+from optax_ekfac._src.state import BlockState, ScaleByEkfacState
 
 
 def per_example_gradients(
@@ -58,7 +57,7 @@ def per_example_gradients(
         >>> per_example["Dense_0"]["kernel"].shape   # [N, d_in, d_out]
         (32, 64, 10)
     """
-    leaves = layers_lib.leaves_by_path(params)
+    leaves = leaves_by_path(params)
     per_example = {}
     for block in layers.blocks:
         per_example.update(_per_example_leaves(block, stats, leaves))
@@ -84,12 +83,12 @@ def gradient_variance(
         >>> variance = optax_ekfac.gradient_variance(layers, stats, params)
         >>> noise = jax.tree.map(jnp.sum, variance)   # per-leaf gradient noise
     """
-    leaves = layers_lib.leaves_by_path(params)
+    leaves = leaves_by_path(params)
     variances = {}
     for block in layers.blocks:
         gradients = _per_example_block_gradients(block, stats)
         variances.update(
-            layers_lib.block_leaves(block, jnp.var(gradients, axis=0), leaves)
+            block.layer_kind.block_leaves(block, jnp.var(gradients, axis=0), leaves)
         )
     return traverse_util.unflatten_dict(variances)
 
@@ -238,14 +237,14 @@ def _per_example_block_gradients(block: Block, stats: Statistics) -> jax.Array:
     least float32."""
     block_stats = stats.layers[block.name]
     dtype = jnp.promote_types(block_stats[0].output_grads.dtype, jnp.float32)
-    return layers_lib.per_example_block_gradients(block, block_stats, dtype)
+    return block.layer_kind.per_example_gradients(block, block_stats, dtype)
 
 
 def _per_example_leaves(block: Block, stats: Statistics, leaves):
     gradients = _per_example_block_gradients(block, stats)
-    return jax.vmap(lambda gradient: layers_lib.block_leaves(block, gradient, leaves))(
-        gradients
-    )
+    return jax.vmap(
+        lambda gradient: block.layer_kind.block_leaves(block, gradient, leaves)
+    )(gradients)
 
 
 def _frobenius_norm(matrices: jax.Array) -> jax.Array:

@@ -68,9 +68,10 @@ def sampling(key: jax.Array, num_samples: int) -> Iterator[Sampling]:
         >>> [sampled.shape for sampled in labels.losses]   # logits [4, 3]
         [(2, 4)]
     """
-    token = _ACTIVE_SAMPLING.set(Sampling(key, num_samples))
+    active = Sampling(key, num_samples)
+    token = _ACTIVE_SAMPLING.set(active)
     try:
-        yield _ACTIVE_SAMPLING.get()
+        yield active
     finally:
         _ACTIVE_SAMPLING.reset(token)
 

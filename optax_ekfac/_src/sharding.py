@@ -1,5 +1,11 @@
-"""Work spread over the devices of a mesh axis: each device computes its share.
+"""Sharding: sums over a sharded example axis, and work spread over a mesh axis.
 
+With the batch sharded along the example axis under an explicit mesh, JAX
+asks where a contraction over that axis, a reshape of a sharded array or a
+scatter into a replicated table should put its result: `sum_over_examples`,
+`reshape_keeping`, `sharding_of` and `example_shards` say so.
+
+Work spread over the devices of a mesh axis: each device computes its share.
 With the batch sharded over a mesh axis of `D` devices (data parallelism),
 every device holds the same factors, and by default every device would repeat
 every eigendecomposition. `map_over_axis` instead gives each device about
@@ -118,3 +124,62 @@ def map_over_axis(
         out_specs=replicated,
         axis_names={axis_name},
     )(list(operands))
+
+
+def sum_over_examples(subscripts: str, *operands: jax.Array) -> jax.Array:
+    """`jnp.einsum` of rows that sums over the examples (and positions).
+
+    With the batch sharded along the example axis under an explicit mesh, JAX
+    asks where a contraction over that axis should go: the sum over the
+    global batch is replicated, like the state it joins (an all-reduce).
+    """
+    replicated = jax.sharding.NamedSharding(
+        jax.sharding.get_abstract_mesh(), jax.sharding.PartitionSpec()
+    )
+    return jnp.einsum(subscripts, *operands, out_sharding=replicated)
+
+
+def sharding_of(array: jax.Array) -> jax.sharding.NamedSharding:
+    """The sharding in `array`'s type (replicated for a fresh `jnp.zeros`).
+
+    Scatter-adds of batch rows (sharded along the example axis under an
+    explicit mesh) into a replicated table need it as `out_sharding`: JAX
+    does not guess whether the result should be sharded or reduced.
+    """
+    return jax.typeof(array).sharding
+
+
+def example_shards(rows: jax.Array, axis_name: str) -> int:
+    """Into how many shards the example axis (axis 0) of `rows` is split.
+
+    An explicit mesh says so in the type. An auto one (GSPMD) does not: with
+    `axis_name` in the ambient mesh, the batch is taken to be split over it,
+    as data parallelism does (a wrong guess only reorders the chunks).
+    """
+    num_examples = rows.shape[0]
+    num_shards = num_examples // jax.typeof(rows).sharding.shard_shape(rows.shape)[0]
+    mesh = jax.sharding.get_abstract_mesh()
+    if (
+        num_shards == 1
+        and axis_name in mesh.axis_names
+        and axis_name in mesh.auto_axes
+        and num_examples % mesh.shape[axis_name] == 0
+    ):
+        num_shards = mesh.shape[axis_name]
+    return num_shards
+
+
+def reshape_keeping(
+    array: jax.Array, shape: Sequence[int], num_kept: int = 1
+) -> jax.Array:
+    """`array.reshape(shape)` whose first `num_kept` axes stay as they are.
+
+    They keep their sharding (the example axis of a batch sharded under an
+    explicit mesh) and the reshaped feature axes are unsharded: JAX does not
+    infer that for every reshape (it refuses `[N, H, W, G * O]` to
+    `[N, H * W, G, O]`, say). No constraint is added for non-explicit axes.
+    """
+    sharding = jax.typeof(array).sharding
+    kept = jax.sharding.PartitionSpec(*tuple(sharding.spec)[:num_kept])
+    out_sharding = jax.sharding.NamedSharding(sharding.mesh, kept)
+    return jnp.reshape(array, shape, out_sharding=out_sharding)

@@ -1,0 +1,264 @@
+"""Capture for flax.nnx models: `optax_ekfac.nnx.Curvature`.
+
+An NNX `loss_fn(model, *batch)` is the linen capture's `loss_fn(params,
+*batch)` once the model is split into its parameters and everything else:
+
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    loss(params, *batch) = loss_fn(nnx.merge(graphdef, params, rest), *batch)
+
+so `nnx.Curvature` is a thin adapter over `optax_ekfac.Curvature`. While
+`loss_fn` runs, the calls of `nnx.Linear`, `nnx.LinearGeneral`, `nnx.Conv`
+and `nnx.Embed` (and `Embed.attend`) go through the linen capture's own
+interceptor: their methods are replaced on their classes for the duration,
+and restored afterwards. nnx modules do not know their paths, so the
+interceptor is told each module's path in the merged model. Everything else
+(the perturbations, the batch scaling, the Monte-Carlo Fisher, `Layers`,
+`Statistics`) is the linen capture's: the gradients are an `nnx.State` like
+`nnx.grad`'s, and the blocks' parameter paths are the state's paths
+(`("layers", "0", "kernel")`), so `scale_by_ekfac` and `ekfac` work with
+`nnx.Optimizer` unchanged.
+"""
+
+import contextlib
+import contextvars
+import dataclasses
+import functools
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+from flax import nnx
+from flax.core import tracers
+from flax.nnx import filterlib
+
+from optax_ekfac._src import capture
+from optax_ekfac._src.blocks import Layers, leaves_by_path
+from optax_ekfac._src.capture import Statistics
+
+# The layer methods whose calls the capture sees: (class, method name).
+_CAPTURED_METHODS: tuple[tuple[type, str], ...] = (
+    (nnx.Linear, "__call__"),
+    (nnx.LinearGeneral, "__call__"),
+    (nnx.Conv, "__call__"),
+    (nnx.Embed, "__call__"),
+    (nnx.Embed, "attend"),
+)
+
+
+class Curvature:
+    """Loss, gradients and per-layer statistics of a flax.nnx model in one pass.
+
+    The NNX counterpart of `optax_ekfac.Curvature`: the same capture, the
+    same `Layers` and `Statistics`, for a `loss_fn` that takes the model.
+
+    As `nnx.value_and_grad` does, it writes back to the model what `loss_fn`
+    changed in its other state (BatchNorm statistics, the counts of the
+    `nnx.Rngs` that Dropout draws from).
+
+    Args:
+        loss_fn: `loss_fn(model, *batch)` returning unreduced losses of shape
+            `[N]` (or `[B, T]`, ...: every entry is one loss term), e.g. from
+            `optax_ekfac.softmax_cross_entropy`. It must call the layers of
+            the model it is given.
+        has_aux: `loss_fn` returns `(losses, aux)`; `aux` is passed through.
+        wrt: the `nnx` filter of the variables to differentiate, as for
+            `nnx.Optimizer(model, tx, wrt=...)`. Layers whose parameters it
+            leaves out are not captured.
+        **settings: the other keyword arguments of `optax_ekfac.Curvature`
+            (`fisher_type`, `num_samples`), passed on unchanged.
+
+    Example:
+        >>> def loss_fn(model, x, y):
+        ...     return optax_ekfac.softmax_cross_entropy(model(x), y)
+        >>> curvature = optax_ekfac.nnx.Curvature(loss_fn)
+        >>> layers = curvature.layers(model, x, y)
+        >>> optimizer = nnx.Optimizer(
+        ...     model, optax_ekfac.ekfac(layers, 0.1), wrt=nnx.Param)
+        >>> loss, grads, stats = curvature.value_grad_and_stats(model, x, y)
+        >>> optimizer.update(model, grads, stats=stats)
+    """
+
+    def __init__(
+        self,
+        loss_fn: Callable[..., Any],
+        *,
+        has_aux: bool = False,
+        wrt: filterlib.Filter = nnx.Param,
+        **settings: Any,
+    ):
+        capture.Curvature(loss_fn, **settings)  # checks the settings now
+        self.loss_fn = loss_fn
+        self.has_aux = has_aux
+        self.wrt = wrt
+        self.settings = settings
+
+    def layers(self, model: nnx.Module, *batch: Any) -> Layers:
+        """Describes the blocks of the model, tracing `loss_fn` once (no FLOPs).
+
+        Args:
+            model: the flax.nnx model.
+            *batch: the arguments `loss_fn` takes after the model.
+
+        Returns:
+            A printable `Layers` table to pass to `scale_by_ekfac`; its
+            parameter paths are those of `nnx.state(model, wrt)`.
+        """
+        over_params, params = self._split(model)
+        return over_params.layers(params, *batch)
+
+    def value_grad_and_stats(
+        self, model: nnx.Module, *batch: Any, key: jax.Array | None = None
+    ) -> tuple[Any, nnx.State, Statistics]:
+        """The mean loss, its gradient and the batch statistics.
+
+        Args:
+            model: the flax.nnx model; its non-differentiated state is
+                updated as `loss_fn` updates it.
+            *batch: the arguments `loss_fn` takes after the model.
+            key: a `jax.random` key for `fisher_type="mc"` (a fresh one every
+                step); unused by the empirical Fisher.
+
+        Returns:
+            `(loss, grads, stats)`: `loss = mean(l)` (`(loss, aux)` with
+            `has_aux`), `grads` its gradient as the `nnx.State` of the `wrt`
+            variables (what `nnx.grad` returns), and the `Statistics` that
+            `scale_by_ekfac` takes as `stats=`
+            (`optimizer.update(model, grads, stats=stats)`).
+        """
+        over_params, params = self._split(model)
+        (loss, (aux, rest)), grads, stats = over_params.value_grad_and_stats(
+            params, *batch, key=key
+        )
+        nnx.update(model, rest)
+        return ((loss, aux) if self.has_aux else loss), grads, stats
+
+    def _split(self, model: nnx.Module) -> tuple["_OverParams", nnx.State]:
+        if not isinstance(model, nnx.Module):
+            raise TypeError(
+                "optax_ekfac.nnx.Curvature takes the flax.nnx model, not a "
+                f"{type(model).__name__}; for a flax.linen model's params use "
+                "optax_ekfac.Curvature."
+            )
+        graphdef, params, rest = nnx.split(model, self.wrt, ...)  # type: ignore[misc]
+        return _OverParams(self, graphdef, rest), params
+
+
+class _OverParams(capture.Curvature):
+    """The linen capture of `Curvature.loss_fn` as a function of the `wrt`
+    state of one split model. Its aux is `(aux, the model's other state after
+    loss_fn)`."""
+
+    def __init__(self, curvature: Curvature, graphdef: Any, rest: nnx.State):
+        super().__init__(curvature.loss_fn, has_aux=True, **curvature.settings)
+        self.graphdef = graphdef
+        self.rest = rest
+        self.wrt = curvature.wrt
+        self.loss_fn_has_aux = curvature.has_aux
+
+    def _call_loss_fn(self, params, batch, interceptor) -> Any:
+        # Copies: loss_fn may update the other state (BatchNorm statistics,
+        # RNG counts) here, inside the differentiated trace.
+        model = nnx.merge(self.graphdef, params, self.rest, copy=True)
+        router = _Router(interceptor, _module_paths(model, params))
+        with _calls_routed_to(router):
+            result = self.loss_fn(model, *batch)
+        losses, aux = capture._split_aux(result, self.loss_fn_has_aux)
+        _, _, rest = nnx.split(model, self.wrt, ...)  # type: ignore[misc]
+        return losses, (aux, rest)
+
+
+def _module_paths(model: Any, params: nnx.State) -> dict[int, tuple[str, ...]]:
+    """`id(module) -> path` of the modules owning differentiated parameters.
+
+    Paths are names as in the state (`("layers", "0")`), so a block's
+    parameter paths are its module path plus the parameter names. A module
+    reachable from several places (shared) has one path, the state's.
+    """
+    owners = {path[:-1] for path in leaves_by_path(params)}
+    paths: dict[int, tuple[str, ...]] = {}
+    for keys, node in nnx.iter_graph(model):
+        path = tuple(str(name) for name in keys)
+        if isinstance(node, nnx.Module) and path in owners:
+            paths.setdefault(id(node), path)
+    return paths
+
+
+@dataclasses.dataclass(frozen=True)
+class _LayerCall:
+    """One layer call as the interceptor reads it (linen's interceptor
+    context, plus the module's path)."""
+
+    module: nnx.Module
+    method_name: str
+    module_path: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Router:
+    """Hands the calls of the model's layers to the capture's interceptor."""
+
+    interceptor: capture._Interceptor
+    module_paths: dict[int, tuple[str, ...]]
+
+    def __call__(self, method, module, method_name, args, kwargs):
+        path = self.module_paths.get(id(module))
+        if path is None:
+            if tracers.current_trace() == self.interceptor.loss_trace:
+                # Not a layer of the differentiated model (frozen, or built
+                # inside loss_fn): nothing to precondition.
+                return method(module, *args, **kwargs)
+            # nnx transforms (nnx.scan, nnx.vmap, nnx.remat, ...) call copies
+            # of the model's modules; the interceptor refuses the call.
+            path = (f"a {type(module).__name__} inside an nnx transform",)
+        call = _LayerCall(module, method_name, path)
+        return self.interceptor(functools.partial(method, module), args, kwargs, call)
+
+
+_ACTIVE_ROUTER: contextvars.ContextVar[_Router | None] = contextvars.ContextVar(
+    "optax_ekfac_nnx_router", default=None
+)
+_INSTALL_LOCK = threading.Lock()
+_originals: dict[tuple[type, str], Callable[..., Any]] = {}
+_num_active_captures = 0
+
+
+@contextlib.contextmanager
+def _calls_routed_to(router: _Router) -> Iterator[None]:
+    """Routes the captured layer methods' calls in this context to `router`.
+
+    The methods are replaced on their classes while any capture runs (in any
+    thread) and restored when the last one ends; a call made outside every
+    capture's context goes straight to the original method.
+    """
+    global _num_active_captures
+    token = _ACTIVE_ROUTER.set(router)
+    with _INSTALL_LOCK:
+        if not _num_active_captures:
+            for cls, name in _CAPTURED_METHODS:
+                _originals[cls, name] = cls.__dict__[name]
+                setattr(cls, name, _routed(cls.__dict__[name], name))
+        _num_active_captures += 1
+    try:
+        yield
+    finally:
+        with _INSTALL_LOCK:
+            _num_active_captures -= 1
+            if not _num_active_captures:
+                for (cls, name), original in _originals.items():
+                    setattr(cls, name, original)
+                _originals.clear()
+        _ACTIVE_ROUTER.reset(token)
+
+
+def _routed(method: Callable[..., Any], method_name: str) -> Callable[..., Any]:
+    """`method`, calling the active router instead when there is one."""
+
+    @functools.wraps(method)
+    def routed_method(module, *args, **kwargs):
+        router = _ACTIVE_ROUTER.get()
+        if router is None:
+            return method(module, *args, **kwargs)
+        return router(method, module, method_name, args, kwargs)
+
+    return routed_method

@@ -1,0 +1,53 @@
+"""The settings of `scale_by_ekfac`, with their defaults, in one place."""
+
+import dataclasses
+from typing import Any, Literal
+
+import jax
+
+Scalings = Literal["exact", "per_position"]
+WeightSharing = Literal["expand", "reduce"]
+
+_DEFAULT_MAX_PER_EXAMPLE_ELEMENTS = 2**22
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """`scale_by_ekfac`'s keyword arguments (documented there); the defaults
+    of `scale_by_ekfac` and `ekfac` are this class's."""
+
+    damping: float | jax.Array = 1e-3
+    decay: float = 0.95
+    eigen_update_every: int = 10
+    stats_update_every: int = 1
+    eigenvalue_correction: bool = True
+    scalings: Scalings = "exact"
+    weight_sharing: WeightSharing = "expand"
+    max_per_example_elements: int | None = None
+    factor_dtype: Any = None
+    eigh_dtype: Any = None
+    distribute_eigh: bool = True
+    axis_name: str = "data"
+
+    @property
+    def refresh_decay(self) -> Any:
+        """Decay per refresh: refreshes `k` updates apart decay by `decay**k`."""
+        return self.decay**self.stats_update_every
+
+    @property
+    def exact_scalings(self) -> bool:
+        return self.scalings == "exact"
+
+    @property
+    def reduce_positions(self) -> bool:
+        return self.weight_sharing == "reduce"
+
+    @property
+    def max_elements(self) -> int:
+        """`max_per_example_elements`, its default filled in."""
+        if self.max_per_example_elements is None:
+            return _DEFAULT_MAX_PER_EXAMPLE_ELEMENTS
+        return int(self.max_per_example_elements)
+
+
+DEFAULTS = Options()

@@ -1,0 +1,305 @@
+"""The checks of `scale_by_ekfac`'s arguments, state and statistics.
+
+Every check raises through `error`, which names the function the user called:
+`ValueError("scale_by_ekfac: ...")` (or a `TypeError` for a wrong type).
+Shapes are checked when the step is traced; values only where they are
+concrete (see `_check_hyperparameters`).
+"""
+
+import dataclasses
+import math
+from typing import Any, get_args
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optax_ekfac._src.blocks import Block, Layers, LayerStats, leaves_by_path
+from optax_ekfac._src.capture import Statistics
+from optax_ekfac._src.options import Options, Scalings, WeightSharing
+from optax_ekfac._src.state import ScaleByEkfacState
+
+SCALE_BY_EKFAC = "scale_by_ekfac"
+_HYPERPARAMETERS = (
+    "damping",
+    "decay",
+    "eigen_update_every",
+    "stats_update_every",
+    "max_per_example_elements",
+)
+
+
+def error(
+    owner: str, message: str, exception: type[Exception] = ValueError
+) -> Exception:
+    """`exception(f"{owner}: {message}")`: an error that names the function
+    the user called (`raise error(SCALE_BY_EKFAC, "...")`)."""
+    return exception(f"{owner}: {message}")
+
+
+def checked_options(options: Options) -> Options:
+    """Raises unless the options are valid; returns them with `eigh_dtype` a
+    `jnp.dtype` (or None)."""
+    _check_hyperparameters(options)
+    for name, allowed in (
+        ("scalings", get_args(Scalings)),
+        ("weight_sharing", get_args(WeightSharing)),
+    ):
+        value = getattr(options, name)
+        if value not in allowed:
+            raise error(
+                SCALE_BY_EKFAC, f"{name} must be one of {allowed}, got {value!r}."
+            )
+    eigh_dtype = options.eigh_dtype
+    if eigh_dtype is not None:
+        eigh_dtype = jnp.dtype(eigh_dtype)
+        if eigh_dtype not in (jnp.float32, jnp.float64):
+            raise error(
+                SCALE_BY_EKFAC,
+                "eigh_dtype must be jnp.float32 or jnp.float64 "
+                f"(or None for the factor dtype), got {eigh_dtype}.",
+            )
+        if eigh_dtype == jnp.float64 and not jax.config.read("jax_enable_x64"):
+            raise error(
+                SCALE_BY_EKFAC,
+                "eigh_dtype=float64 needs 64-bit JAX: call "
+                "jax.config.update('jax_enable_x64', True) at startup, or use "
+                "float32; without it JAX would silently compute in float32.",
+            )
+    return dataclasses.replace(options, eigh_dtype=eigh_dtype)
+
+
+def check_layers(layers: Any) -> None:
+    """Raises unless `layers` are the `Layers` from `Curvature.layers`."""
+    if not isinstance(layers, Layers):
+        raise error(
+            SCALE_BY_EKFAC,
+            "layers must be the Layers from Curvature.layers, "
+            f"not {type(layers).__name__}.",
+            TypeError,
+        )
+
+
+def checked_leaves(layers: Layers, tree: Any, what: str) -> dict:
+    """The leaves of `tree` by path, once they match the layers' parameters."""
+    leaves = leaves_by_path(tree)
+    for block in layers.blocks:
+        for path, size in zip(block.param_paths, _param_sizes(block)):
+            if path not in leaves:
+                raise error(
+                    SCALE_BY_EKFAC,
+                    f"{what} has no {'/'.join(path)} for block "
+                    f"{block.name}; were the layers built for another model?",
+                )
+            shape = leaves[path].shape
+            if math.prod(shape) != size:
+                raise error(
+                    SCALE_BY_EKFAC,
+                    f"{what} hold {'/'.join(path)} of shape "
+                    f"{shape}, but block {block.name} has {size} elements there; "
+                    "were the layers built for another model?",
+                )
+    for path in layers.fallback:
+        if path not in leaves:
+            raise error(
+                SCALE_BY_EKFAC,
+                f"{what} has no {'/'.join(path)}; were the layers "
+                "built for another model?",
+            )
+    known = set(layers.fallback).union(*(block.param_paths for block in layers.blocks))
+    unknown = sorted("/".join(path) for path in leaves if path not in known)
+    if unknown:
+        raise error(
+            SCALE_BY_EKFAC,
+            f"{what} hold {unknown}, which the layers do not "
+            "know; were the layers built for another model?",
+        )
+    return leaves
+
+
+def _param_sizes(block: Block) -> tuple[int, ...]:
+    """Number of elements of the kernel (and bias) of a block."""
+    features = block.output_dim * block.num_groups
+    kernel = (block.input_dim - block.has_bias) * features
+    return (kernel, features) if block.has_bias else (kernel,)
+
+
+def check_state(layers: Layers, state: Any, grads: dict) -> None:
+    """Raises unless `state` is this transformation's state for these layers."""
+    if not isinstance(state, ScaleByEkfacState):
+        raise error(
+            SCALE_BY_EKFAC,
+            "state must be the ScaleByEkfacState from init, not "
+            f"{type(state).__name__}; restore checkpoints into a target such as "
+            "jax.eval_shape(tx.init, params).",
+            TypeError,
+        )
+    expected = {block.name for block in layers.blocks}
+    if set(state.blocks) != expected:
+        raise error(
+            SCALE_BY_EKFAC,
+            f"the state holds blocks {sorted(state.blocks)}, the "
+            f"layers {sorted(expected)}; is the state from another model?",
+        )
+    for block in layers.blocks:
+        held = state.blocks[block.name].scalings.shape[-2:]
+        if held != (block.input_dim, block.output_dim):
+            raise error(
+                SCALE_BY_EKFAC,
+                f"the state holds scalings of shape {held} for "
+                f"{block.name}, whose block is "
+                f"{(block.input_dim, block.output_dim)}; is the state from "
+                "another model?",
+            )
+    fallback = {"/".join(path) for path in layers.fallback}
+    if set(state.second_moments) != fallback:
+        raise error(
+            SCALE_BY_EKFAC,
+            "the state holds second moments for "
+            f"{sorted(state.second_moments)}, the layers' fallback is "
+            f"{sorted(fallback)}; is the state from another model?",
+        )
+    for key, moment in state.second_moments.items():
+        shape = grads[tuple(key.split("/"))].shape
+        if shape != moment.shape:
+            raise error(
+                SCALE_BY_EKFAC,
+                f"updates hold {key} of shape {shape}, the state "
+                f"{moment.shape}; is the state from another model?",
+            )
+
+
+def check_stats(layers: Layers, stats: Any) -> None:
+    """Raises unless `stats` hold every block's calls, in the layers' shapes.
+
+    Only feature shapes are checked: the number of examples may differ from
+    the batch the layers were built from (a last partial batch, a Monte-Carlo
+    Fisher's samples) but must be the same for all calls of one block.
+    """
+    if stats is None:
+        raise error(
+            SCALE_BY_EKFAC,
+            "update needs the batch statistics: "
+            "tx.update(grads, state, params, stats=stats) with stats from "
+            "Curvature.value_grad_and_stats.",
+        )
+    if not isinstance(stats, Statistics):
+        raise error(
+            SCALE_BY_EKFAC,
+            "stats must be the Statistics from "
+            f"Curvature.value_grad_and_stats, not {type(stats).__name__}.",
+            TypeError,
+        )
+    expected = {block.name for block in layers.blocks}
+    missing = sorted(expected - set(stats.layers))
+    extra = sorted(set(stats.layers) - expected)
+    if missing or extra:
+        raise error(
+            SCALE_BY_EKFAC,
+            "the stats do not match the layers: missing stats for "
+            f"{missing or 'none'}, stats for unknown layers {extra or 'none'}. "
+            "Were they captured from another model?",
+        )
+    for block in layers.blocks:
+        calls = stats.layers[block.name]
+        if not (
+            isinstance(calls, tuple | list)
+            and all(isinstance(call, LayerStats) for call in calls)
+        ):
+            raise error(
+                SCALE_BY_EKFAC,
+                f"stats.layers[{block.name!r}] must be a tuple "
+                f"of LayerStats (one per call), not {type(calls).__name__}.",
+                TypeError,
+            )
+        if len(calls) != block.num_calls:
+            raise error(
+                SCALE_BY_EKFAC,
+                f"{block.name} was called {len(calls)} times in "
+                f"the stats, {block.num_calls} in the layers.",
+            )
+        for call, method in zip(calls, block.methods):
+            problem = block.layer_kind.misfit(block, call, method)
+            if problem is not None:
+                raise error(SCALE_BY_EKFAC, problem)
+        num_examples = sorted({call.inputs.shape[0] for call in calls})
+        if len(num_examples) > 1 or num_examples[0] < 1:
+            raise error(
+                SCALE_BY_EKFAC,
+                f"the calls of {block.name} hold {num_examples} "
+                "examples; the calls of one module are positions of the same "
+                "examples, so they need the same leading (example) axis, of at "
+                "least one example.",
+            )
+
+
+def _check_hyperparameters(options: Options) -> None:
+    """Range-checks the hyperparameters whose values are known now.
+
+    Python and NumPy numbers and concrete JAX arrays are checked. Traced
+    values (those `optax.inject_hyperparams` passes to a jitted update) have
+    no value yet and are not: they were checked when `init` ran on concrete
+    ones, and a schedule's later values are the schedule's responsibility.
+    """
+    named = {name: getattr(options, name) for name in _HYPERPARAMETERS}
+    values = {}
+    for name, value in named.items():
+        if value is None and name == "max_per_example_elements":
+            continue
+        if callable(value):
+            raise error(
+                SCALE_BY_EKFAC,
+                f"{name} must be a number, not {value!r}; to "
+                "schedule it, use optax.inject_hyperparams(scale_by_ekfac)("
+                f"layers, {name}=schedule).",
+                TypeError,
+            )
+        if jnp.ndim(value) != 0:
+            raise error(
+                SCALE_BY_EKFAC,
+                f"{name} must be a scalar, got shape {jnp.shape(value)}.",
+            )
+        if isinstance(value, jax.core.Tracer):
+            if name == "max_per_example_elements":
+                raise error(
+                    SCALE_BY_EKFAC,
+                    "max_per_example_elements sets array shapes, "
+                    "so it cannot be traced: with optax.inject_hyperparams, "
+                    "pass static_args=('max_per_example_elements',).",
+                )
+            continue
+        value = np.asarray(value)
+        if not (np.issubdtype(value.dtype, np.number) or value.dtype == bool):
+            raise error(
+                SCALE_BY_EKFAC, f"{name} must be a number, got {value}.", TypeError
+            )
+        values[name] = value.item()
+
+    def out_of_range(name, rule):
+        raise error(SCALE_BY_EKFAC, f"{name} must be {rule}, got {named[name]!r}.")
+
+    if "damping" in values and not 0 < values["damping"] < math.inf:
+        # Zero would divide by the zero scalings of rank-deficient factors.
+        out_of_range("damping", "a finite number > 0 (it bounds the update)")
+    if "decay" in values and not 0 <= values["decay"] < 1:
+        out_of_range("decay", "in [0, 1)")
+    for name in (
+        "eigen_update_every",
+        "stats_update_every",
+        "max_per_example_elements",
+    ):
+        value = values.get(name)
+        if value is not None and not (value >= 1 and value == math.floor(value)):
+            out_of_range(name, "an integer >= 1")
+    if (
+        "eigen_update_every" in values
+        and "stats_update_every" in values
+        and values["eigen_update_every"] % values["stats_update_every"]
+    ):
+        raise error(
+            SCALE_BY_EKFAC,
+            "eigen_update_every must be a multiple of "
+            f"stats_update_every (got {options.eigen_update_every} and "
+            f"{options.stats_update_every}): eigenbases are computed from fresh "
+            "factors.",
+        )
