@@ -42,7 +42,7 @@ from jax.sharding import PartitionSpec as P
 import optax_ekfac as oek
 from benchmarks import cli, running, storage
 from benchmarks.records import BenchmarkResult
-from optax_ekfac import distributed
+from optax_ekfac._src import sharding
 
 AXIS = "data"
 
@@ -148,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> BenchmarkResult:
 
     factors = _factor_costs(runs["distributed"]["state"][1][0])
     costs = [factor["cost"] for factor in factors]
-    shares = distributed.balanced_assignment(costs, len(devices))
+    shares = sharding.balanced_assignment(costs, len(devices))
     loads = [sum(costs[i] for i in share) for share in shares]
     medians = {name: statistics.median(run["times"]) for name, run in runs.items()}
     results = {

@@ -1,6 +1,6 @@
 """Every layer kind against a reference built without the library's code.
 
-The references here use no `optax_ekfac.layers` helper (`example_rows`,
+The references here use no `optax_ekfac._src` helper (`example_rows`,
 `block_matrix`, `per_example_block_gradients`, ...) and no eigenbasis the
 library computed:
 
