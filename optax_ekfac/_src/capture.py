@@ -558,6 +558,11 @@ def _check_param(name: str, path, shape, leaves) -> None:
         )
 
 
+def _leading_sizes(batch: tuple) -> set[int]:
+    """The leading sizes of the batch arguments that have an axis."""
+    return {jnp.shape(leaf)[0] for leaf in jax.tree.leaves(batch) if jnp.ndim(leaf)}
+
+
 def _batch_size(batch: tuple, loss_shape: tuple[int, ...]) -> int | None:
     """The number of examples `B` in `batch`, or None where it can't be told.
 
@@ -566,9 +571,7 @@ def _batch_size(batch: tuple, loss_shape: tuple[int, ...]) -> int | None:
     shares (`[B * T]` losses); otherwise (a lookup table or raw positions
     among the arguments, flattened losses) it is unknown.
     """
-    leading_sizes = {
-        jnp.shape(leaf)[0] for leaf in jax.tree.leaves(batch) if jnp.ndim(leaf)
-    }
+    leading_sizes = _leading_sizes(batch)
     if loss_shape and loss_shape[0] in leading_sizes:
         return loss_shape[0]
     if len(leading_sizes) == 1:
@@ -586,9 +589,7 @@ def _check_loss_terms(loss_shape: tuple[int, ...], batch: tuple) -> None:
     argument with an axis has the same leading size; otherwise (a lookup
     table, a raw key among the arguments) nothing is checked.
     """
-    leading_sizes = {
-        jnp.shape(leaf)[0] for leaf in jax.tree.leaves(batch) if jnp.ndim(leaf)
-    }
+    leading_sizes = _leading_sizes(batch)
     if len(leading_sizes) != 1:
         return
     (batch_size,) = leading_sizes
