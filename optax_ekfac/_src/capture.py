@@ -39,6 +39,7 @@ from optax_ekfac._src.blocks import (
     leaves_by_path,
 )
 from optax_ekfac._src.kinds import SUPPORTED
+from optax_ekfac._src.loss_model import LossModel
 from optax_ekfac._src.losses import sampling
 
 FisherType = Literal["empirical", "mc"]
@@ -61,11 +62,16 @@ class Statistics(NamedTuple):
         num_samples: `S`, the label samples per loss term whose output
             gradients the rows hold (`fisher_type="mc"`); 1 for the empirical
             Fisher.
+        loss_model: the batch's loss as a function of the parameters, for the
+            adaptive `ekfac`'s step control (exact curvature products and the
+            loss at other parameters); None where the statistics were made
+            by hand.
     """
 
     layers: dict[str, tuple[LayerStats, ...]]
     num_terms: int
     num_samples: int = 1
+    loss_model: LossModel | None = None
 
     @property
     def num_sampled_terms(self) -> int:
@@ -255,6 +261,10 @@ class Curvature:
             raise ValueError(f"loss_fn returned losses of dtype {losses.dtype}.")
         return losses, aux
 
+    def _uncaptured_losses(self, params, batch) -> jax.Array:
+        """The losses alone, nothing recorded (the `LossModel`'s function)."""
+        return self._losses(params, batch, _Interceptor())[0]
+
     def _trace_calls(self, params, batch) -> tuple[list[_Call], jax.ShapeDtypeStruct]:
         """The block calls and the losses' shape, from shapes alone."""
         interceptor = _Interceptor()
@@ -399,6 +409,7 @@ class Curvature:
             layers={name: tuple(calls) for name, calls in per_block.items()},
             num_terms=num_terms,
             num_samples=self.num_samples,
+            loss_model=LossModel(params, batch, loss, self._uncaptured_losses),
         )
         return ((loss, aux) if self.has_aux else loss), grads, stats
 

@@ -17,6 +17,14 @@ distribution (whose parameters are `stop_gradient`-ed, so that only the loss,
 not the sampling, is differentiated) and records the negative log-likelihood
 of those labels. The helper still returns the loss of the true labels: the
 sampled losses reach the capture through the context only.
+
+For the quadratic model of the adaptive `ekfac` (`LossModel`), the capture
+runs `loss_fn` inside `marked_predictions(perturbations)`: every helper call
+records its predictions (the model outputs the Gauss-Newton curvature is
+taken at) and adds `perturbations[i]` to them, so that the loss's Hessian
+with respect to the predictions is a derivative with respect to the
+perturbations, whatever `loss_fn` does with the helpers' losses afterwards
+(a scale, weights, a mask).
 """
 
 import contextlib
@@ -76,6 +84,60 @@ def sampling(key: jax.Array, num_samples: int) -> Iterator[Sampling]:
         _ACTIVE_SAMPLING.reset(token)
 
 
+@dataclasses.dataclass
+class Predictions:
+    """The predictions of the loss helper calls while `marked_predictions` is
+    active.
+
+    Attributes:
+        perturbations: added to the predictions of helper call `i`; None adds
+            nothing.
+        predictions: one array per helper call, in call order.
+    """
+
+    perturbations: tuple[jax.Array, ...] | None
+    predictions: list[jax.Array] = dataclasses.field(default_factory=list)
+
+
+_ACTIVE_PREDICTIONS: contextvars.ContextVar[Predictions | None] = (
+    contextvars.ContextVar("optax_ekfac_predictions", default=None)
+)
+
+
+@contextlib.contextmanager
+def marked_predictions(
+    perturbations: tuple[jax.Array, ...] | None = None,
+) -> Iterator[Predictions]:
+    """Makes the loss helpers record their predictions (and perturb them).
+
+    Args:
+        perturbations: one array per helper call, added to its predictions;
+            None to record only.
+
+    Yields:
+        The `Predictions` the helpers called inside append to.
+    """
+    active = Predictions(perturbations)
+    token = _ACTIVE_PREDICTIONS.set(active)
+    try:
+        yield active
+    finally:
+        _ACTIVE_PREDICTIONS.reset(token)
+
+
+def _marked(predictions: jax.Array) -> jax.Array:
+    """Inside `marked_predictions`: records `predictions`, returns them
+    perturbed; outside, returns them as they are."""
+    active = _ACTIVE_PREDICTIONS.get()
+    if active is None:
+        return predictions
+    index = len(active.predictions)
+    active.predictions.append(predictions)
+    if active.perturbations is None:
+        return predictions
+    return predictions + active.perturbations[index]
+
+
 def _record_sampled_losses(
     predictions: jax.Array,
     sample: Callable[[jax.Array, jax.Array, int], jax.Array],
@@ -124,6 +186,7 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
         (2,)
     """
     labels = _class_labels(logits, jnp.asarray(labels))
+    logits = _marked(logits)
     if labels.ndim == logits.ndim:
         losses = optax.softmax_cross_entropy(logits, labels)
     else:
@@ -191,6 +254,7 @@ def squared_error(predictions: jax.Array, targets: jax.Array) -> jax.Array:
         Array([1.5, 1.5, 1.5, 1.5], dtype=float32)
     """
     _check_same_shape("squared_error", predictions, targets)
+    predictions = _marked(predictions)
     _record_sampled_losses(predictions, _sample_gaussian, _gaussian_nll)
     return _gaussian_nll(predictions, targets)
 
@@ -213,6 +277,7 @@ def sigmoid_binary_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Ar
         (2,)
     """
     _check_same_shape("sigmoid_binary_cross_entropy", logits, labels)
+    logits = _marked(logits)
     _record_sampled_losses(logits, _sample_bernoulli, _bernoulli_nll)
     return _bernoulli_nll(logits, labels)
 

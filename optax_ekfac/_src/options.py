@@ -1,4 +1,5 @@
-"""The settings of `scale_by_ekfac`, with their defaults, in one place."""
+"""The settings of `scale_by_ekfac` and of the adaptive `ekfac`, with their
+defaults, in one place."""
 
 import dataclasses
 from typing import Any, Literal
@@ -51,3 +52,21 @@ class Options:
 
 
 DEFAULTS = Options()
+
+
+@dataclasses.dataclass(frozen=True)
+class Adaptation:
+    """The adaptive `ekfac`'s step-control settings (documented there); None
+    for `momentum` or `damping` adapts it."""
+
+    momentum: float | None = None
+    damping: float | jax.Array | None = None
+    initial_damping: float = 1.0
+    min_damping: float = 1e-4
+    max_damping: float = 1e4
+    damping_decay: float = 0.9
+    damping_adaptation_interval: int = 5
+    max_momentum: float = 0.99
+
+
+ADAPTATION = Adaptation()

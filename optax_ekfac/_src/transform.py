@@ -17,11 +17,17 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_ekfac._src import refresh, validation
+from optax_ekfac._src import refresh, step_control, validation
 from optax_ekfac._src.blocks import Block, Layers, path_names
 from optax_ekfac._src.capture import Statistics
 from optax_ekfac._src.curvature import precondition, relative_damping_floor
-from optax_ekfac._src.options import DEFAULTS, Options, Scalings, WeightSharing
+from optax_ekfac._src.options import (
+    ADAPTATION,
+    DEFAULTS,
+    Options,
+    Scalings,
+    WeightSharing,
+)
 from optax_ekfac._src.state import BlockState, ScaleByEkfacState
 
 
@@ -193,11 +199,17 @@ def scale_by_ekfac(
 
 def ekfac(
     layers: Layers,
-    learning_rate: optax.ScalarOrSchedule,
+    learning_rate: optax.ScalarOrSchedule | None = None,
     *,
     momentum: float | None = None,
     nesterov: bool = False,
-    damping: float | jax.Array = DEFAULTS.damping,
+    damping: float | jax.Array | None = None,
+    initial_damping: float = ADAPTATION.initial_damping,
+    min_damping: float = ADAPTATION.min_damping,
+    max_damping: float = ADAPTATION.max_damping,
+    damping_decay: float = ADAPTATION.damping_decay,
+    damping_adaptation_interval: int = ADAPTATION.damping_adaptation_interval,
+    max_momentum: float = ADAPTATION.max_momentum,
     decay: float = DEFAULTS.decay,
     eigen_update_every: int = DEFAULTS.eigen_update_every,
     stats_update_every: int = DEFAULTS.stats_update_every,
@@ -210,57 +222,102 @@ def ekfac(
     distribute_eigh: bool = DEFAULTS.distribute_eigh,
     axis_name: str = DEFAULTS.axis_name,
 ) -> optax.GradientTransformationExtraArgs:
-    """EKFAC-preconditioned SGD: `scale_by_ekfac` chained with `optax.sgd`.
+    """EKFAC with no tuning: adapted step size, momentum and damping.
 
-    A step whose gradients or statistics hold a NaN or an infinity is skipped
-    as a whole: the updates are zeros, so the parameters stay as they were,
-    and the state is unchanged (`optax.sgd`'s momentum and schedule count
-    included) except `skipped_steps` of the `ScaleByEkfacState`. This holds
-    also when only the statistics are non-finite: the finite gradients are
-    not applied unpreconditioned. The decision is made inside the compiled
-    step. (`scale_by_ekfac` alone returns the gradients of such a step as
-    they came, for `optax.apply_if_finite` or the caller to reject.)
+    With no `learning_rate` (the recommended use, `ekfac(layers)`), every
+    update takes the EKFAC direction `Δ = -P_λ g` and the previous update `δ`,
+    and moves by `α Δ + β δ` with `(α, β)` minimizing the quadratic model
+    `gᵀu + ½ uᵀ (G + λ I) u` of the batch's loss, `G` its exact Gauss-Newton
+    matrix (products from the statistics' `loss_model`: one linearization
+    of the model's outputs per step); the damping `λ` follows the
+    Levenberg-Marquardt rule from the reduction ratio of the batch's loss
+    every `damping_adaptation_interval` updates (one more forward pass).
+    This is K-FAC's step control (Martens & Grosse, 2015, sections 6.5 and 7).
+    The adapted values are in the state (`EkfacState`) for logging. The loss
+    must come from this library's loss helpers, which mark the model's
+    outputs.
+
+    With a `learning_rate`, it is `optax.chain(scale_by_ekfac(...),
+    optax.sgd(learning_rate, momentum, nesterov))` at a fixed `damping`
+    (default 1e-3): nothing adapted, no extra passes.
+
+    A step whose gradients or statistics (or, adapted, the quadratic model)
+    hold a NaN or an infinity is skipped as a whole: the updates are zeros
+    and the state is unchanged except `skipped_steps` of the
+    `ScaleByEkfacState`; the decision is made inside the compiled step.
 
     Args:
         layers: the blocks, from `Curvature.layers`.
-        learning_rate: a scalar or an optax schedule.
-        momentum: heavy-ball momentum of the preconditioned direction, or None.
-        nesterov: use Nesterov momentum.
-        damping, decay, eigen_update_every, stats_update_every,
+        learning_rate: None to adapt the step size; or a scalar or an optax
+            schedule for plain preconditioned SGD.
+        momentum: adapted: None adapts `β`, a number fixes it. With a
+            `learning_rate`: heavy-ball momentum, or None for none.
+        nesterov: with a `learning_rate`: Nesterov momentum.
+        damping: `λ` (see `scale_by_ekfac`). Adapted: None adapts it, a
+            number fixes it. With a `learning_rate`: None for 1e-3.
+        initial_damping: the adapted damping's first value.
+        min_damping, max_damping: the adapted damping's range.
+        damping_decay: the adapted damping is multiplied or divided by
+            `damping_decay ** damping_adaptation_interval` when it changes.
+        damping_adaptation_interval: updates between damping adaptations.
+        max_momentum: the largest adapted `β`.
+        decay, eigen_update_every, stats_update_every,
         eigenvalue_correction, scalings, weight_sharing,
         max_per_example_elements, factor_dtype, eigh_dtype, distribute_eigh,
-        axis_name: as in `scale_by_ekfac`. The numeric ones (`learning_rate`,
-            `damping`, ...) can be scheduled with `optax.inject_hyperparams`,
-            as for `optax.adamw`.
+        axis_name: as in `scale_by_ekfac`. The numeric ones can be scheduled
+            with `optax.inject_hyperparams`, as for `optax.adamw`.
 
     Returns:
         An `optax.GradientTransformationExtraArgs` whose update takes `stats=`.
-        Its state is that of `optax.chain(scale_by_ekfac(...), optax.sgd(...))`:
+        Its state is an `EkfacState` (adapted), or that of
+        `optax.chain(scale_by_ekfac(...), optax.sgd(...))`:
         `(ScaleByEkfacState, sgd state)`.
 
     Example:
-        >>> tx = optax_ekfac.ekfac(layers, learning_rate=0.1, momentum=0.9)
+        >>> tx = optax_ekfac.ekfac(layers)
+        >>> opt_state = tx.init(params)
         >>> updates, opt_state = tx.update(grads, opt_state, params, stats=stats)
+        >>> float(opt_state.damping) > 0
+        True
+        >>> fixed = optax_ekfac.ekfac(layers, learning_rate=0.1, momentum=0.9)
         >>> scheduled = optax.inject_hyperparams(optax_ekfac.ekfac)(
         ...     layers, learning_rate=0.1, damping=1e-3)
     """
-    preconditioner = scale_by_ekfac(
-        layers,
-        damping=damping,
-        decay=decay,
-        eigen_update_every=eigen_update_every,
-        stats_update_every=stats_update_every,
-        eigenvalue_correction=eigenvalue_correction,
-        scalings=scalings,
-        weight_sharing=weight_sharing,
-        max_per_example_elements=max_per_example_elements,
-        factor_dtype=factor_dtype,
-        eigh_dtype=eigh_dtype,
-        distribute_eigh=distribute_eigh,
-        axis_name=axis_name,
-    )
+
+    def preconditioner(damping: Any) -> optax.GradientTransformationExtraArgs:
+        return scale_by_ekfac(
+            layers,
+            damping=damping,
+            decay=decay,
+            eigen_update_every=eigen_update_every,
+            stats_update_every=stats_update_every,
+            eigenvalue_correction=eigenvalue_correction,
+            scalings=scalings,
+            weight_sharing=weight_sharing,
+            max_per_example_elements=max_per_example_elements,
+            factor_dtype=factor_dtype,
+            eigh_dtype=eigh_dtype,
+            distribute_eigh=distribute_eigh,
+            axis_name=axis_name,
+        )
+
+    if learning_rate is None:
+        adaptation = validation.checked_adaptation(
+            step_control.Adaptation(
+                momentum=momentum,
+                damping=damping,
+                initial_damping=initial_damping,
+                min_damping=min_damping,
+                max_damping=max_damping,
+                damping_decay=damping_decay,
+                damping_adaptation_interval=damping_adaptation_interval,
+                max_momentum=max_momentum,
+            )
+        )
+        preconditioner(adaptation.damping or adaptation.initial_damping)
+        return step_control.adaptive(preconditioner, adaptation)
     return _skipping_non_finite_steps(
-        preconditioner,
+        preconditioner(DEFAULTS.damping if damping is None else damping),
         optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
     )
 

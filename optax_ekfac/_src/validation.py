@@ -8,6 +8,7 @@ concrete (see `_check_hyperparameters`).
 
 import dataclasses
 import math
+import numbers
 from typing import Any, get_args
 
 import jax
@@ -16,10 +17,11 @@ import numpy as np
 
 from optax_ekfac._src.blocks import Block, Layers, LayerStats, leaves_by_path
 from optax_ekfac._src.capture import Statistics
-from optax_ekfac._src.options import Options, Scalings, WeightSharing
+from optax_ekfac._src.options import Adaptation, Options, Scalings, WeightSharing
 from optax_ekfac._src.state import ScaleByEkfacState
 
 SCALE_BY_EKFAC = "scale_by_ekfac"
+EKFAC = "ekfac"
 _HYPERPARAMETERS = (
     "damping",
     "decay",
@@ -303,3 +305,42 @@ def _check_hyperparameters(options: Options) -> None:
             f"{options.stats_update_every}): eigenbases are computed from fresh "
             "factors.",
         )
+
+
+def checked_adaptation(adaptation: Adaptation) -> Adaptation:
+    """Raises unless the adaptive `ekfac`'s settings are in range."""
+    rules = {
+        "momentum": (adaptation.momentum, "in [0, 1) or None (adapted)", 0, 1),
+        "damping": (adaptation.damping, "> 0 or None (adapted)", 0, math.inf),
+        "initial_damping": (adaptation.initial_damping, "> 0", 0, math.inf),
+        "min_damping": (adaptation.min_damping, "> 0", 0, math.inf),
+        "max_damping": (adaptation.max_damping, "> 0", 0, math.inf),
+        "damping_decay": (adaptation.damping_decay, "in (0, 1)", 0, 1),
+        "max_momentum": (adaptation.max_momentum, "in [0, 1)", 0, 1),
+    }
+    for name, (value, rule, low, high) in rules.items():
+        if value is None or isinstance(value, jax.core.Tracer):
+            continue
+        inclusive_low = name in ("momentum", "max_momentum")
+        if not (
+            (low <= value if inclusive_low else low < value) and value < high
+        ) or jnp.ndim(value):
+            raise error(EKFAC, f"{name} must be {rule}, got {value!r}.")
+    interval = adaptation.damping_adaptation_interval
+    if not (isinstance(interval, numbers.Integral) and interval >= 1):
+        raise error(
+            EKFAC,
+            f"damping_adaptation_interval must be an integer >= 1, got {interval!r}.",
+        )
+    if (
+        not adaptation.min_damping
+        <= adaptation.initial_damping
+        <= adaptation.max_damping
+    ):
+        raise error(
+            EKFAC,
+            "initial_damping must lie in [min_damping, max_damping], got "
+            f"{adaptation.initial_damping} outside [{adaptation.min_damping}, "
+            f"{adaptation.max_damping}].",
+        )
+    return adaptation

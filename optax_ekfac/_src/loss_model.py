@@ -1,0 +1,105 @@
+"""The loss of one batch around the current parameters, for step control.
+
+`Curvature.value_grad_and_stats` puts a `LossModel` in the statistics: the
+parameters, the batch and the mean loss there, with the function that
+computes the losses. From it the adaptive `ekfac` (`step_control.py`) gets,
+without a change to the training loop:
+
+* exact curvature products `v_iᵀ G v_j` of a few update directions, `G` the
+  Gauss-Newton matrix of the mean loss, `G = Jᵀ H J`: `J v` is a tangent of
+  the loss helpers' predictions (one `jax.linearize`, vmapped over the
+  directions) and `H` the Hessian of the mean loss with respect to those
+  predictions (forward-over-reverse through what `loss_fn` does after them);
+* the mean loss on the same batch at other parameters (the reduction ratio of
+  the Levenberg-Marquardt damping).
+
+`H` is taken from the loss `loss_fn` actually returns, so a scale, weights or
+a mask applied to the helpers' losses are part of it; the predictions are
+those of this library's loss helpers (`softmax_cross_entropy`,
+`squared_error`, `sigmoid_binary_cross_entropy`), which mark them.
+"""
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_ekfac._src.losses import marked_predictions
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["params", "batch", "loss"],
+    meta_fields=["losses_fn"],
+)
+@dataclasses.dataclass(frozen=True)
+class LossModel:
+    """The mean loss of one batch as a function of the parameters.
+
+    Attributes:
+        params: the parameters the statistics were computed at.
+        batch: the arguments `loss_fn` takes after the parameters.
+        loss: the mean loss at `params`.
+        losses_fn: `losses_fn(params, batch)` -> the unreduced losses.
+    """
+
+    params: optax.Params
+    batch: tuple[Any, ...]
+    loss: jax.Array
+    losses_fn: Callable[[optax.Params, tuple[Any, ...]], jax.Array]
+
+    def loss_at(self, params: optax.Params) -> jax.Array:
+        """The mean loss of the batch at `params`: one forward pass."""
+        return jnp.mean(self.losses_fn(params, self.batch))
+
+    def curvature_products(self, vectors: Sequence[optax.Updates]) -> jax.Array:
+        """`[k, k]` matrix of `v_iᵀ G v_j`, `G` the Gauss-Newton matrix.
+
+        Args:
+            vectors: `k` trees shaped like `params`.
+
+        Returns:
+            The symmetric `[k, k]` matrix, in the predictions' dtype.
+        """
+
+        def predictions(params):
+            with marked_predictions() as marked:
+                self.losses_fn(params, self.batch)
+            return tuple(marked.predictions)
+
+        outputs, output_jvp = jax.linearize(predictions, self.params)
+        if not outputs:
+            raise ValueError(
+                "ekfac: the adaptive step needs the loss's curvature with respect "
+                "to the model's outputs, and loss_fn called none of the loss "
+                "helpers that mark them (optax_ekfac.softmax_cross_entropy, "
+                "squared_error, sigmoid_binary_cross_entropy). Compute the "
+                "losses with them, or pass ekfac a learning_rate (and damping)."
+            )
+        stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *vectors)
+        tangents = jax.vmap(output_jvp)(stacked)
+
+        def mean_loss(perturbations):
+            with marked_predictions(perturbations):
+                return jnp.mean(self.losses_fn(self.params, self.batch))
+
+        zeros = tuple(jnp.zeros_like(output) for output in outputs)
+
+        def hessian_product(tangent):
+            return jax.jvp(jax.grad(mean_loss), (zeros,), (tangent,))[1]
+
+        hessian_tangents = jax.vmap(hessian_product)(tangents)
+        products = jnp.zeros((len(vectors), len(vectors)), outputs[0].dtype)
+        products += sum(
+            jnp.einsum(
+                "ix,jx->ij",
+                tangent.reshape(len(vectors), -1),
+                hessian_tangent.reshape(len(vectors), -1),
+            )
+            for tangent, hessian_tangent in zip(tangents, hessian_tangents)
+        )
+        return (products + products.T) / 2

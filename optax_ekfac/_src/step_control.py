@@ -1,0 +1,241 @@
+"""Step control: the adaptive `ekfac`'s step size, momentum and damping.
+
+Every update (Martens & Grosse, 2015, sections 6.5 and 7; as kfac-jax does):
+
+    Δ = -P_λ g                       the EKFAC direction at the damping λ
+    δ = the previous update          (zero at the first)
+    u = α Δ + β δ, with (α, β) minimizing the quadratic model
+        M(u) = gᵀu + ½ uᵀ (G + λ I) u
+    G the exact Gauss-Newton matrix of the batch's mean loss (its products
+    from the statistics' `LossModel`): a 2x2 solve. β is kept in
+    [0, max_momentum] (α solved again for a clipped β).
+
+Every `damping_adaptation_interval` updates the damping follows the
+Levenberg-Marquardt rule, from the reduction ratio of the same batch's loss
+against the undamped model,
+
+    ρ = (L(θ + u) - L(θ)) / (gᵀu + ½ uᵀ G u),
+
+    λ ← λ ω if ρ > 3/4,   λ / ω if ρ < 1/4,   ω = damping_decay ** interval,
+
+clipped to `[min_damping, max_damping]`. The step costs the preconditioner,
+one linearization of the model's outputs with two tangents, two products with
+the loss's Hessian at the outputs, and on adaptation steps one more forward
+pass.
+"""
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_ekfac._src import validation
+from optax_ekfac._src.capture import Statistics
+from optax_ekfac._src.loss_model import LossModel
+from optax_ekfac._src.options import Adaptation
+from optax_ekfac._src.state import ScaleByEkfacState
+
+_LOWER_RATIO, _UPPER_RATIO = 0.25, 0.75
+
+
+class EkfacState(NamedTuple):
+    """State of the adaptive `ekfac`: the preconditioner's, and what the step
+    control adapted (log these to see what the optimizer does).
+
+    Attributes:
+        preconditioner: the `ScaleByEkfacState` (its `count` and
+            `skipped_steps` count the updates).
+        velocity: the previous update `δ` (zeros before the first).
+        damping: `λ`, used by the preconditioner and the quadratic model at
+            the next update.
+        learning_rate: `α` of the last update.
+        momentum: `β` of the last update.
+        reduction_ratio: `ρ` at the last damping adaptation (NaN before it).
+        model_change: the quadratic model's predicted change of the loss for
+            the last update (negative: a decrease).
+    """
+
+    preconditioner: ScaleByEkfacState
+    velocity: optax.Updates
+    damping: jax.Array
+    learning_rate: jax.Array
+    momentum: jax.Array
+    reduction_ratio: jax.Array
+    model_change: jax.Array
+
+
+def adaptive(
+    make_preconditioner: Callable[[Any], optax.GradientTransformationExtraArgs],
+    adaptation: Adaptation,
+) -> optax.GradientTransformationExtraArgs:
+    """The EKFAC direction with quadratic-model step size and momentum and
+    Levenberg-Marquardt damping.
+
+    Args:
+        make_preconditioner: `make_preconditioner(damping)` ->
+            `scale_by_ekfac(layers, damping=damping, ...)`; called with the
+            adapted damping, a traced scalar, at every update.
+        adaptation: the settings.
+
+    Returns:
+        An `optax.GradientTransformationExtraArgs` whose update takes
+        `stats=` and whose state is an `EkfacState`.
+    """
+    fixed_damping = adaptation.damping is not None
+    initial_damping = (
+        adaptation.damping if fixed_damping else adaptation.initial_damping
+    )
+
+    def init_fn(params: optax.Params) -> EkfacState:
+        preconditioner = make_preconditioner(initial_damping).init(params)
+        dtype = preconditioner_dtype(preconditioner)
+        nan = jnp.full([], jnp.nan, dtype)
+        return EkfacState(
+            preconditioner=preconditioner,
+            velocity=optax.tree.zeros_like(params),
+            damping=jnp.asarray(initial_damping, dtype),
+            learning_rate=jnp.zeros([], dtype),
+            momentum=jnp.zeros([], dtype),
+            reduction_ratio=nan,
+            model_change=jnp.zeros([], dtype),
+        )
+
+    def update_fn(
+        updates: optax.Updates,
+        state: EkfacState,
+        params: optax.Params | None = None,
+        *,
+        stats: Statistics | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, EkfacState]:
+        del params, extra_args
+        directions, preconditioner = make_preconditioner(state.damping).update(
+            updates, state.preconditioner, None, stats=stats
+        )
+        model = _checked_loss_model(stats)
+        skipped = preconditioner.skipped_steps != state.preconditioner.skipped_steps
+        descent = optax.tree.scale(-1, directions)
+        vectors = (descent, state.velocity)
+        curvature = model.curvature_products(vectors)
+        inner_products = _inner_products(vectors, vectors)
+        gradient_products = _inner_products((updates,), vectors)[0]
+        coefficients = _coefficients(
+            curvature + state.damping * inner_products,
+            gradient_products,
+            adaptation,
+        )
+        step = optax.tree.add(
+            optax.tree.scale(coefficients[0], descent),
+            optax.tree.scale(coefficients[1], state.velocity),
+        )
+        model_change = coefficients @ curvature @ coefficients / 2 + (
+            coefficients @ gradient_products
+        )
+        finite = jnp.logical_not(skipped) & jnp.isfinite(model_change)
+        if fixed_damping:
+            damping, reduction_ratio = state.damping, state.reduction_ratio
+        else:
+            damping, reduction_ratio = _adapted_damping(
+                model, step, model_change, state, finite, adaptation
+            )
+        new_state = EkfacState(
+            preconditioner=preconditioner,
+            velocity=step,
+            damping=damping,
+            learning_rate=coefficients[0],
+            momentum=coefficients[1],
+            reduction_ratio=reduction_ratio,
+            model_change=model_change,
+        )
+        # A skipped step (non-finite gradients, statistics or model) moves
+        # nothing and keeps the state, apart from the preconditioner's count
+        # of skipped steps.
+        kept = state._replace(
+            preconditioner=state.preconditioner._replace(
+                skipped_steps=optax.safe_increment(state.preconditioner.skipped_steps)
+            )
+        )
+        new_state = optax.tree.where(finite, new_state, kept)
+        step = optax.tree.where(finite, step, optax.tree.zeros_like(step))
+        return step, new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def preconditioner_dtype(state: ScaleByEkfacState) -> Any:
+    """The dtype the step control computes in: the curvature state's."""
+    leaves = [leaf for leaf in jax.tree.leaves(state.blocks)]
+    return leaves[0].dtype if leaves else jnp.float32
+
+
+def _checked_loss_model(stats: Any) -> LossModel:
+    """The statistics' `LossModel` (the preconditioner checked the rest)."""
+    if stats.loss_model is None:
+        raise validation.error(
+            "ekfac",
+            "the adaptive step (no learning_rate) needs the statistics' "
+            "loss_model, which Curvature.value_grad_and_stats provides; these "
+            "statistics have none. Pass the statistics of value_grad_and_stats, "
+            "or give ekfac a learning_rate.",
+        )
+    return stats.loss_model
+
+
+def _inner_products(left: tuple, right: tuple) -> jax.Array:
+    """`[len(left), len(right)]` matrix of `<l_i, r_j>` over all leaves."""
+    return jnp.stack([jnp.stack([optax.tree.vdot(a, b) for b in right]) for a in left])
+
+
+def _coefficients(
+    damped_curvature: jax.Array, gradient_products: jax.Array, adaptation: Adaptation
+) -> jax.Array:
+    """`(α, β)` minimizing `½ wᵀ C w + wᵀ b`, `C` the damped curvature of
+    `(Δ, δ)`, `b` their products with the gradient.
+
+    With no previous update (`δ = 0`) or a fixed momentum, `α` alone; an
+    adapted `β` outside `[0, max_momentum]` is clipped and `α` solved again.
+    """
+    c = damped_curvature
+    b = gradient_products
+
+    def alpha_given(beta):
+        return -(b[0] + c[0, 1] * beta) / c[0, 0]
+
+    if adaptation.momentum is not None:
+        beta = jnp.asarray(adaptation.momentum, c.dtype)
+        beta = jnp.where(c[1, 1] > 0, beta, 0)
+        return jnp.stack([alpha_given(beta), beta])
+    determinant = c[0, 0] * c[1, 1] - c[0, 1] ** 2
+    solvable = determinant > 1e-6 * c[0, 0] * c[1, 1]
+    safe = jnp.where(solvable, determinant, 1)
+    beta = jnp.where(solvable, (c[0, 1] * b[0] - c[0, 0] * b[1]) / safe, 0)
+    beta = jnp.clip(beta, 0, adaptation.max_momentum)
+    return jnp.stack([alpha_given(beta), beta])
+
+
+def _adapted_damping(model, step, model_change, state, finite, adaptation):
+    """The Levenberg-Marquardt damping after this update, and `ρ`.
+
+    Every `damping_adaptation_interval` counted updates, one forward pass of
+    the batch at the new parameters.
+    """
+    count = state.preconditioner.count
+    due = finite & (count % adaptation.damping_adaptation_interval == 0)
+
+    def reduction_ratio():
+        new_loss = model.loss_at(optax.apply_updates(model.params, step))
+        ratio = (new_loss - model.loss) / model_change
+        # A NaN loss at the new parameters counts as a failed step.
+        return jnp.nan_to_num(ratio, nan=-100.0).astype(state.damping.dtype)
+
+    ratio = jax.lax.cond(due, reduction_ratio, lambda: state.reduction_ratio)
+    omega = adaptation.damping_decay**adaptation.damping_adaptation_interval
+    damping = jnp.select(
+        [due & (ratio > _UPPER_RATIO), due & (ratio < _LOWER_RATIO)],
+        [state.damping * omega, state.damping / omega],
+        state.damping,
+    )
+    damping = jnp.clip(damping, adaptation.min_damping, adaptation.max_damping)
+    return damping.astype(state.damping.dtype), ratio
