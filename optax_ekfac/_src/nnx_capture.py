@@ -34,7 +34,7 @@ from flax.nnx import filterlib
 
 from optax_ekfac._src import capture
 from optax_ekfac._src.blocks import Layers, leaves_by_path
-from optax_ekfac._src.capture import Statistics
+from optax_ekfac._src.capture import FisherType, Statistics
 
 # The layer methods whose calls the capture sees: (class, method name).
 _CAPTURED_METHODS: tuple[tuple[type, str], ...] = (
@@ -65,18 +65,31 @@ class Curvature:
         wrt: the `nnx` filter of the variables to differentiate, as for
             `nnx.Optimizer(model, tx, wrt=...)`. Layers whose parameters it
             leaves out are not captured.
-        **settings: the other keyword arguments of `optax_ekfac.Curvature`
-            (`fisher_type`, `num_samples`), passed on unchanged.
+        fisher_type: which Fisher the statistics estimate, as for
+            `optax_ekfac.Curvature`. `"empirical"`: the output gradients of
+            the data's labels. `"mc"`: the true Fisher, from labels sampled
+            from the model's predictive distribution; the losses must come
+            from this library's helpers (`softmax_cross_entropy`,
+            `squared_error`, `sigmoid_binary_cross_entropy`) and
+            `value_grad_and_stats` needs a `key`. The loss and gradients
+            returned are the data's in both cases.
+        num_samples: `S`, label samples per loss term for `"mc"`; the
+            statistics hold them as `S * N` examples.
 
     Example:
+        >>> model = nnx.Sequential(
+        ...     nnx.Linear(8, 16, rngs=nnx.Rngs(0)), nnx.relu,
+        ...     nnx.Linear(16, 3, rngs=nnx.Rngs(1)))
         >>> def loss_fn(model, x, y):
         ...     return optax_ekfac.softmax_cross_entropy(model(x), y)
         >>> curvature = optax_ekfac.nnx.Curvature(loss_fn)
         >>> layers = curvature.layers(model, x, y)
+        >>> [block.name for block in layers.blocks]   # paths in nnx.state(model)
+        ['layers/0', 'layers/2']
         >>> optimizer = nnx.Optimizer(
-        ...     model, optax_ekfac.ekfac(layers, 0.1), wrt=nnx.Param)
+        ...     model, optax_ekfac.ekfac(layers, learning_rate=0.1), wrt=nnx.Param)
         >>> loss, grads, stats = curvature.value_grad_and_stats(model, x, y)
-        >>> optimizer.update(model, grads, stats=stats)
+        >>> _ = optimizer.update(model, grads, stats=stats)  # updates the model
     """
 
     def __init__(
@@ -85,13 +98,18 @@ class Curvature:
         *,
         has_aux: bool = False,
         wrt: filterlib.Filter = nnx.Param,
-        **settings: Any,
+        fisher_type: FisherType = "empirical",
+        num_samples: int = 1,
     ):
-        capture.Curvature(loss_fn, **settings)  # checks the settings now
+        # The linen capture checks the settings now, not at the first trace.
+        checked = capture.Curvature(
+            loss_fn, fisher_type=fisher_type, num_samples=num_samples
+        )
         self.loss_fn = loss_fn
         self.has_aux = has_aux
         self.wrt = wrt
-        self.settings = settings
+        self.fisher_type = checked.fisher_type
+        self.num_samples = checked.num_samples
 
     def layers(self, model: nnx.Module, *batch: Any) -> Layers:
         """Describes the blocks of the model, tracing `loss_fn` once (no FLOPs).
@@ -150,7 +168,12 @@ class _OverParams(capture.Curvature):
     loss_fn)`."""
 
     def __init__(self, curvature: Curvature, graphdef: Any, rest: nnx.State):
-        super().__init__(curvature.loss_fn, has_aux=True, **curvature.settings)
+        super().__init__(
+            curvature.loss_fn,
+            has_aux=True,
+            fisher_type=curvature.fisher_type,
+            num_samples=curvature.num_samples,
+        )
         self.graphdef = graphdef
         self.rest = rest
         self.wrt = curvature.wrt
