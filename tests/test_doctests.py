@@ -34,12 +34,6 @@ _MODULES = ["optax_ekfac", "optax_ekfac.nnx"] + [
         optax_ekfac._src.__path__, prefix="optax_ekfac._src."
     )
 ]
-# Modules whose examples another branch is rewriting against this namespace;
-# drop a module from the set once its examples pass.
-_BEING_REWRITTEN = pytest.mark.xfail(
-    strict=False, reason="being rewritten in the step-control branch"
-)
-_XFAIL_MODULES = {"optax_ekfac._src.losses"}
 
 
 class _MLP(nn.Module):
@@ -86,13 +80,7 @@ def _namespace() -> dict:
     )
 
 
-@pytest.mark.parametrize(
-    "module_name",
-    [
-        pytest.param(name, marks=_BEING_REWRITTEN) if name in _XFAIL_MODULES else name
-        for name in _MODULES
-    ],
-)
+@pytest.mark.parametrize("module_name", _MODULES)
 def test_the_examples_of_a_module_run(module_name):
     module = importlib.import_module(module_name)
     runner = doctest.DocTestRunner(

@@ -71,9 +71,11 @@ def sampling(key: jax.Array, num_samples: int) -> Iterator[Sampling]:
         The `Sampling` whose `losses` the helpers called inside append to.
 
     Example:
+        >>> from optax_ekfac._src.losses import sampling
+        >>> logits = jnp.zeros((4, 3))
         >>> with sampling(jax.random.key(0), num_samples=2) as labels:
-        ...     losses = softmax_cross_entropy(logits, targets)
-        >>> [sampled.shape for sampled in labels.losses]   # logits [4, 3]
+        ...     losses = optax_ekfac.softmax_cross_entropy(logits, jnp.arange(4) % 3)
+        >>> [sampled.shape for sampled in labels.losses]
         [(2, 4)]
     """
     active = Sampling(key, num_samples)
@@ -182,7 +184,7 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
     Example:
         >>> logits = jnp.array([[2.0, 0.0], [0.0, 1.0]])
-        >>> softmax_cross_entropy(logits, jnp.array([0, 1])).shape
+        >>> optax_ekfac.softmax_cross_entropy(logits, jnp.array([0, 1])).shape
         (2,)
     """
     labels = _class_labels(logits, jnp.asarray(labels))
@@ -250,8 +252,9 @@ def squared_error(predictions: jax.Array, targets: jax.Array) -> jax.Array:
     sampled from `N(predictions, I)`.
 
     Example:
-        >>> squared_error(jnp.ones((4, 3)), jnp.zeros((4, 3)))
-        Array([1.5, 1.5, 1.5, 1.5], dtype=float32)
+        >>> losses = optax_ekfac.squared_error(jnp.ones((4, 3)), jnp.zeros((4, 3)))
+        >>> losses.tolist()
+        [1.5, 1.5, 1.5, 1.5]
     """
     _check_same_shape("squared_error", predictions, targets)
     predictions = _marked(predictions)
@@ -273,7 +276,8 @@ def sigmoid_binary_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Ar
     sampled from `Bernoulli(sigmoid(logits))`.
 
     Example:
-        >>> sigmoid_binary_cross_entropy(jnp.zeros((2, 1)), jnp.ones((2, 1))).shape
+        >>> logits, labels = jnp.zeros((2, 1)), jnp.ones((2, 1))
+        >>> optax_ekfac.sigmoid_binary_cross_entropy(logits, labels).shape
         (2,)
     """
     _check_same_shape("sigmoid_binary_cross_entropy", logits, labels)
