@@ -18,7 +18,9 @@ from optax_ekfac._src.losses import (
     softmax_cross_entropy,
     squared_error,
 )
+from optax_ekfac._src.loss_model import LossModel
 from optax_ekfac._src.state import BlockState, ScaleByEkfacState
+from optax_ekfac._src.step_control import EkfacState
 from optax_ekfac._src.transform import ekfac, scale_by_ekfac
 
 __version__ = "0.1.0"
@@ -28,8 +30,10 @@ __all__ = [
     "BlockDistances",
     "BlockState",
     "Curvature",
+    "EkfacState",
     "LayerStats",
     "Layers",
+    "LossModel",
     "ScaleByEkfacState",
     "Statistics",
     "ekfac",
