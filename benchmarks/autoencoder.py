@@ -1,11 +1,10 @@
 """Benchmark 1: a deep autoencoder on sklearn's digits.
 
 The classic K-FAC / EKFAC problem (Hinton & Salakhutdinov's autoencoders,
-scaled down): 64-256-128-32-128-256-64, tanh between layers, a linear code
-layer, sigmoid outputs, squared error against the pixels (scaled to [0, 1]),
-batch 256. EKFAC, KFAC, Adam and SGD with momentum, each over a small sweep, in
-one run; checks that EKFAC reaches the target loss in at most half of Adam's
-best wall-clock time.
+scaled down), as the step-control issue measured it: 64-256-128-32-128-256-64,
+tanh between layers, linear code and outputs, the squared error summed over
+the 64 standardized pixels (twice the library's `squared_error`), mean over
+batch 256, target 2.0 on the whole training set, 1500 steps.
 
 Usage:
     python -m benchmarks.autoencoder [--quick] [--steps N] [--out DIR]
@@ -21,7 +20,7 @@ from benchmarks import cli, data, records, specs
 
 
 class Autoencoder(nn.Module):
-    """tanh encoder to a linear code, tanh decoder to sigmoid outputs."""
+    """tanh encoder to a linear code, tanh decoder to linear outputs."""
 
     encoder: Sequence[int] = (256, 128)
     code: int = 32
@@ -34,17 +33,20 @@ class Autoencoder(nn.Module):
         x = nn.Dense(self.code)(x)
         for width in reversed(self.encoder):
             x = nn.tanh(nn.Dense(width)(x))
-        return nn.sigmoid(nn.Dense(self.outputs)(x))
+        return nn.Dense(self.outputs)(x)
 
 
 def problem(batch_size: int = 256, seed: int = 0) -> specs.Problem:
-    """Digits in [0, 1], reconstructed; per-example half squared error (summed
-    over the 64 pixels); target train loss 0.1."""
+    """Standardized digits, reconstructed; per-example squared error summed
+    over the 64 pixels; target train loss 2.0."""
     x_train, _, x_test, _ = data.digits(seed)
+    x_train, x_test = data.standardized(x_train, x_test)
     model = Autoencoder()
 
     def loss_fn(params, x):
-        return oek.squared_error(model.apply({"params": params}, x), x)
+        # The summed squared error, as the issue's numbers (and kfac-jax's
+        # examples) use: twice the library's half squared error.
+        return 2 * oek.squared_error(model.apply({"params": params}, x), x)
 
     return specs.Problem(
         name="autoencoder",
@@ -54,7 +56,7 @@ def problem(batch_size: int = 256, seed: int = 0) -> specs.Problem:
         train=(x_train,),
         test=(x_test,),
         batch_size=batch_size,
-        target_loss=0.1,
+        target_loss=2.0,
     )
 
 

@@ -43,8 +43,8 @@ class MLP(nn.Module):
 
 
 def problem(batch_size: int = 256, seed: int = 0) -> specs.Problem:
-    """Standardized digits, softmax cross-entropy, target train loss 1e-4
-    (the training set memorized; Adam's best needs about 150 steps)."""
+    """Standardized digits, softmax cross-entropy, target train loss 4e-4
+    (the training set memorized), as in the step-control issue."""
     x_train, y_train, x_test, y_test = data.digits(seed)
     x_train, x_test = data.standardized(x_train, x_test)
     model = MLP()
@@ -60,7 +60,7 @@ def problem(batch_size: int = 256, seed: int = 0) -> specs.Problem:
         train=(x_train, y_train),
         test=(x_test, y_test),
         batch_size=batch_size,
-        target_loss=1e-4,
+        target_loss=4e-4,
     )
 
 

@@ -145,6 +145,27 @@ def ekfac(
     return Optimizer(name, make, tuple(sweep), uses_stats=True, fisher_type=fisher_type)
 
 
+def ekfac_defaults(
+    *, eigenvalue_correction: bool = True, fisher_type: str = "empirical", **settings: Any
+) -> Optimizer:
+    """`optax_ekfac.ekfac(layers)` with its adapted step size, momentum and
+    damping: nothing swept.
+
+    Args:
+        eigenvalue_correction: True for EKFAC, False for KFAC under the same
+            step control.
+        fisher_type: `"empirical"` or `"mc"` (see `optax_ekfac.Curvature`).
+        **settings: keyword arguments of `optax_ekfac.ekfac` that describe the
+            model rather than tune the optimizer (`weight_sharing`).
+    """
+
+    def make(layers):
+        return oek.ekfac(layers, eigenvalue_correction=eigenvalue_correction, **settings)
+
+    name = "EKFAC" if eigenvalue_correction else "KFAC"
+    return Optimizer(name, make, ({},), uses_stats=True, fisher_type=fisher_type)
+
+
 def standard_optimizers(
     *,
     ekfac_sweep: Sequence[Hyperparameters],

@@ -293,13 +293,24 @@ def test_factors_average_to_the_exact_fisher_factors(name, x_shape, miscaled_by)
         chex.assert_trees_all_close(exact[1][0].mean(0), jnp.eye(3), atol=1e-12)
 
 
-def test_mc_needs_a_key_and_a_loss_helper():
+def test_mc_without_a_key_samples_by_the_batch_and_needs_a_loss_helper():
     loss, features = CATEGORICAL
     model, x, params, _ = _setup(features, (NUM_EXAMPLES, 5))
     y = _data_labels(loss, model, params, x)
     curvature = oek.Curvature(_loss_fn(model, loss), has_aux=True, fisher_type="mc")
-    with pytest.raises(ValueError, match="pass a jax.random key"):
-        curvature.value_grad_and_stats(params, x, y)
+    value_grad_and_stats = jax.jit(curvature.value_grad_and_stats)
+
+    def sampled_output_grads(x, y):
+        _, _, stats = value_grad_and_stats(params, x, y)
+        return next(iter(stats.layers.values()))[0].output_grads
+
+    # The same batch samples the same labels; a batch that differs in the
+    # last bits samples others (one fixed key would sample nearly the same
+    # labels from nearly the same predictions).
+    sampled = sampled_output_grads(x, y)
+    chex.assert_trees_all_equal(sampled_output_grads(x, y), sampled)
+    nudged = sampled_output_grads(x * (1 + 1e-6), y)
+    assert np.abs(nudged - sampled).max() > 0.1 * np.abs(sampled).max()
 
     def plain_optax_loss(params, x, y):
         logits = model.apply({"params": params}, x)

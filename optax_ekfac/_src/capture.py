@@ -185,8 +185,11 @@ class Curvature:
             from labels sampled from the model's predictive distribution; the
             losses must come from this library's helpers
             (`softmax_cross_entropy`, `squared_error`,
-            `sigmoid_binary_cross_entropy`), which say what to sample, and
-            `value_grad_and_stats` needs a `key`. Every helper call inside
+            `sigmoid_binary_cross_entropy`), which say what to sample, with
+            a `key` passed to `value_grad_and_stats` (or one derived from the
+            batch). Recommended with the adaptive `ekfac`: for a squared
+            error the empirical Fisher shrinks with the residuals, and the
+            sampled one does not. Every helper call inside
             `loss_fn` is a term of the sampled loss (weights or masks applied
             to the returned losses are not). The loss and gradients returned
             are the data's in both cases.
@@ -350,8 +353,11 @@ class Curvature:
         Args:
             params: the model's `"params"` collection.
             *batch: the arguments `loss_fn` takes after `params`.
-            key: a `jax.random` key for `fisher_type="mc"` (required there;
-                use a fresh one every step); unused by the empirical Fisher.
+            key: a `jax.random` key for `fisher_type="mc"`, a fresh one every
+                step; None derives one from the batch's contents (a hash of
+                its bits), so that a loop without keys samples new labels for
+                every new batch (the same batch seen again gets the same
+                label noise). Unused by the empirical Fisher.
 
         Returns:
             `(loss, grads, stats)`: `loss = mean(l)` (`(loss, aux)` with
@@ -362,11 +368,7 @@ class Curvature:
             labels, `[S * N, ...]` (sample-major); `num_terms` stays `N`.
         """
         if self.fisher_type == "mc" and key is None:
-            raise ValueError(
-                "Curvature(fisher_type='mc') samples labels: pass a jax.random "
-                "key, value_grad_and_stats(params, *batch, key=key), a fresh "
-                "one every step."
-            )
+            key = _key_of_batch(batch)
         calls, losses = self._trace_calls(params, batch)
         num_terms = losses.size
         perturbations = tuple(
@@ -463,6 +465,29 @@ class Curvature:
             for x in inputs
         )
         return jnp.mean(losses), aux, grads, inputs, output_grads
+
+
+def _key_of_batch(batch: tuple) -> jax.Array:
+    """A PRNG key that follows the batch's contents: a hash of its bits.
+
+    Every element's bits are weighted by a multiplicative hash of its position
+    (so that reordered examples change the key) and summed in wrapping
+    `uint32`; leaves without a number dtype (PRNG keys) are left out.
+    """
+    seed = jnp.zeros([], jnp.uint32)
+    for leaf in jax.tree.leaves(batch):
+        leaf = jnp.asarray(leaf)
+        if jnp.issubdtype(leaf.dtype, jnp.inexact):
+            leaf = leaf.astype(jnp.float32)
+        elif jnp.issubdtype(leaf.dtype, jnp.integer) or leaf.dtype == bool:
+            leaf = leaf.astype(jnp.int32)
+        else:
+            continue
+        bits = jax.lax.bitcast_convert_type(leaf, jnp.uint32).reshape(-1)
+        positions = jnp.arange(bits.size, dtype=jnp.uint32)
+        weights = positions * jnp.uint32(2654435761) + jnp.uint32(1)
+        seed = seed * jnp.uint32(31) + jnp.sum(bits * weights, dtype=jnp.uint32)
+    return jax.random.fold_in(jax.random.key(0), seed)
 
 
 def _split_aux(result: Any, has_aux: bool) -> tuple[Any, Any]:

@@ -135,7 +135,8 @@ class Curvature:
                 updated as `loss_fn` updates it.
             *batch: the arguments `loss_fn` takes after the model.
             key: a `jax.random` key for `fisher_type="mc"` (a fresh one every
-                step); unused by the empirical Fisher.
+                step; None derives one from the batch's contents, as in
+                `optax_ekfac.Curvature`); unused by the empirical Fisher.
 
         Returns:
             `(loss, grads, stats)`: `loss = mean(l)` (`(loss, aux)` with

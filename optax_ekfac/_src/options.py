@@ -65,7 +65,7 @@ class Adaptation:
     min_damping: float = 1e-4
     max_damping: float = 1e4
     damping_decay: float = 0.9
-    damping_adaptation_interval: int = 5
+    damping_adaptation_interval: int = 1
     max_momentum: float = 0.99
 
 

@@ -55,6 +55,8 @@ class EkfacState(NamedTuple):
         reduction_ratio: `ρ` at the last damping adaptation (NaN before it).
         model_change: the quadratic model's predicted change of the loss for
             the last update (negative: a decrease).
+        rejected_steps: updates not taken (zeros returned) because the
+            batch's loss at the new parameters was higher (or NaN).
     """
 
     preconditioner: ScaleByEkfacState
@@ -64,6 +66,7 @@ class EkfacState(NamedTuple):
     momentum: jax.Array
     reduction_ratio: jax.Array
     model_change: jax.Array
+    rejected_steps: jax.Array
 
 
 def adaptive(
@@ -100,6 +103,7 @@ def adaptive(
             momentum=jnp.zeros([], dtype),
             reduction_ratio=nan,
             model_change=jnp.zeros([], dtype),
+            rejected_steps=jnp.zeros([], jnp.int32),
         )
 
     def update_fn(
@@ -134,20 +138,25 @@ def adaptive(
             coefficients @ gradient_products
         )
         finite = jnp.logical_not(skipped) & jnp.isfinite(model_change)
-        if fixed_damping:
-            damping, reduction_ratio = state.damping, state.reduction_ratio
-        else:
-            damping, reduction_ratio = _adapted_damping(
-                model, step, model_change, state, finite, adaptation
-            )
+        count = state.preconditioner.count
+        due = finite & (count % adaptation.damping_adaptation_interval == 0)
+        ratio = _reduction_ratio(model, step, model_change, due)
+        # A step that raises the batch's loss (or makes it NaN) is not taken:
+        # the quadratic model was wrong there; the damping grows.
+        rejected = due & jnp.logical_not(ratio > 0)
+        damping = state.damping
+        if not fixed_damping:
+            damping = _levenberg_marquardt(damping, ratio, due, adaptation)
+        step = optax.tree.where(rejected, optax.tree.zeros_like(step), step)
         new_state = EkfacState(
             preconditioner=preconditioner,
             velocity=step,
             damping=damping,
             learning_rate=coefficients[0],
             momentum=coefficients[1],
-            reduction_ratio=reduction_ratio,
+            reduction_ratio=jnp.where(due, ratio, state.reduction_ratio),
             model_change=model_change,
+            rejected_steps=state.rejected_steps + rejected.astype(jnp.int32),
         )
         # A skipped step (non-finite gradients, statistics or model) moves
         # nothing and keeps the state, apart from the preconditioner's count
@@ -215,27 +224,28 @@ def _coefficients(
     return jnp.stack([alpha_given(beta), beta])
 
 
-def _adapted_damping(model, step, model_change, state, finite, adaptation):
-    """The Levenberg-Marquardt damping after this update, and `ρ`.
-
-    Every `damping_adaptation_interval` counted updates, one forward pass of
-    the batch at the new parameters.
-    """
-    count = state.preconditioner.count
-    due = finite & (count % adaptation.damping_adaptation_interval == 0)
+def _reduction_ratio(model, step, model_change, due) -> jax.Array:
+    """`ρ = (L(θ + u) - L(θ)) / model_change` on this batch where `due` (one
+    forward pass), else NaN; a NaN loss at `θ + u` gives `-inf`."""
 
     def reduction_ratio():
         new_loss = model.loss_at(optax.apply_updates(model.params, step))
         ratio = (new_loss - model.loss) / model_change
-        # A NaN loss at the new parameters counts as a failed step.
-        return jnp.nan_to_num(ratio, nan=-100.0).astype(state.damping.dtype)
+        return jnp.where(jnp.isnan(ratio), -jnp.inf, ratio).astype(model_change.dtype)
 
-    ratio = jax.lax.cond(due, reduction_ratio, lambda: state.reduction_ratio)
-    omega = adaptation.damping_decay**adaptation.damping_adaptation_interval
-    damping = jnp.select(
-        [due & (ratio > _UPPER_RATIO), due & (ratio < _LOWER_RATIO)],
-        [state.damping * omega, state.damping / omega],
-        state.damping,
+    return jax.lax.cond(
+        due, reduction_ratio, lambda: jnp.full([], jnp.nan, model_change.dtype)
     )
-    damping = jnp.clip(damping, adaptation.min_damping, adaptation.max_damping)
-    return damping.astype(state.damping.dtype), ratio
+
+
+def _levenberg_marquardt(damping, ratio, due, adaptation) -> jax.Array:
+    """The damping after a reduction ratio `ratio` (where `due`): smaller
+    where the model predicted the loss well, larger where it did not."""
+    omega = adaptation.damping_decay**adaptation.damping_adaptation_interval
+    new_damping = jnp.select(
+        [due & (ratio > _UPPER_RATIO), due & jnp.logical_not(ratio >= _LOWER_RATIO)],
+        [damping * omega, damping / omega],
+        damping,
+    )
+    new_damping = jnp.clip(new_damping, adaptation.min_damping, adaptation.max_damping)
+    return new_damping.astype(damping.dtype)
