@@ -2,10 +2,11 @@
 benchmark's whole command (compare, report, check, save)."""
 
 import argparse
+import dataclasses
 from collections.abc import Callable, Sequence
 
 from benchmarks import reporting, running, storage
-from benchmarks.records import BenchmarkResult
+from benchmarks.records import BenchmarkResult, Comparison, Target
 from benchmarks.specs import Optimizer, Problem, Settings
 
 
@@ -28,38 +29,96 @@ def arguments(
     return parser
 
 
+def seeds_argument(parser: argparse.ArgumentParser) -> None:
+    """Adds `--seeds`: how many seeds a convergence comparison runs."""
+    parser.add_argument(
+        "--seeds", type=int, default=None, help="seeds to run (default 3; quick 1)"
+    )
+
+
+def compare_over_seeds(
+    args: argparse.Namespace,
+    problem: Callable[..., Problem],
+    optimizers: Callable[[bool], Sequence[Optimizer]],
+    settings: Settings,
+    targets: Callable[[Comparison], Sequence[Target]],
+) -> tuple[list[Comparison], tuple[Target, ...]]:
+    """Every seed's comparison, printed, and the targets checked over them.
+
+    Args:
+        args: the parsed options (`--quick`, `--seeds`).
+        problem: `problem(seed=seed)` builds the problem (initialization and
+            data split of that seed).
+        optimizers: `optimizers(quick)` builds what to compare.
+        settings: steps and evaluation period (the seed is set per run).
+        targets: the targets one comparison is checked against; each is
+            reported over the seeds (met only if met on every seed).
+    """
+    num_seeds = args.seeds or (1 if args.quick else 3)
+    comparisons = []
+    for seed in range(num_seeds):
+        comparison = running.compare(
+            problem(seed=seed),
+            optimizers(args.quick),
+            dataclasses.replace(settings, seed=seed),
+        )
+        reporting.print_comparison(comparison)
+        comparisons.append(comparison)
+    reporting.print_seeds(comparisons)
+    per_seed = [targets(comparison) for comparison in comparisons]
+    return comparisons, tuple(reporting.over_seeds(seeds) for seeds in zip(*per_seed))
+
+
 def convergence_main(
     argv: Sequence[str] | None,
     description: str | None,
-    problem: Callable[[], Problem],
+    problem: Callable[..., Problem],
     optimizers: Callable[[bool], Sequence[Optimizer]],
     *,
     steps: int,
     quick_steps: int,
-    check_time_to_target: bool = False,
+    targets: Callable[[Comparison], Sequence[Target]] = lambda comparison: (),
 ) -> BenchmarkResult:
-    """The command line of a convergence benchmark: compare, report, save.
+    """The command line of a convergence benchmark: compare on every seed,
+    report, check the targets over the seeds, save.
 
     Args:
         argv: command-line arguments (None: `sys.argv`).
         description: the module's docstring, for `--help`.
-        problem: builds the problem.
+        problem: `problem(seed=seed)` builds the problem.
         optimizers: `optimizers(quick)` builds what to compare.
         steps: training steps of a full run.
         quick_steps: training steps of a `--quick` run.
-        check_time_to_target: check the issue's target that EKFAC reaches the
-            target loss in at most half of Adam's best wall-clock time.
+        targets: the targets one comparison is checked against.
 
     Returns:
-        The results, as saved to JSON.
+        The results, as saved to JSON: the first seed's comparison (and its
+        plot), every seed's summary, and the targets over the seeds.
     """
-    args = arguments(description).parse_args(argv)
+    parser = arguments(description)
+    seeds_argument(parser)
+    args = parser.parse_args(argv)
     running.limit_blas_threads()
     settings = Settings(steps=args.steps or (quick_steps if args.quick else steps))
-    comparison = running.compare(problem(), optimizers(args.quick), settings)
-    reporting.print_comparison(comparison)
-    targets = (reporting.time_to_target(comparison),) if check_time_to_target else ()
-    reporting.print_targets(targets)
-    result = BenchmarkResult(comparison.problem, comparison, targets=targets)
+    comparisons, checked = compare_over_seeds(
+        args, problem, optimizers, settings, targets
+    )
+    reporting.print_targets(checked)
+    result = seeded_result(comparisons, checked)
     storage.save(result, args.out)
     return result
+
+
+def seeded_result(
+    comparisons: Sequence[Comparison],
+    targets: Sequence[Target],
+    sections: dict | None = None,
+) -> BenchmarkResult:
+    """The first seed's comparison (and plot), every seed's summary under
+    `seeds`, more `sections`, and the targets."""
+    return BenchmarkResult(
+        comparisons[0].problem,
+        comparisons[0],
+        sections={"seeds": [c.summary for c in comparisons]} | (sections or {}),
+        targets=tuple(targets),
+    )

@@ -146,21 +146,25 @@ def ekfac(
 
 
 def ekfac_defaults(
-    *, eigenvalue_correction: bool = True, fisher_type: str = "empirical", **settings: Any
+    *, eigenvalue_correction: bool = True, fisher_type: str = "mc", **settings: Any
 ) -> Optimizer:
-    """`optax_ekfac.ekfac(layers)` with its adapted step size, momentum and
-    damping: nothing swept.
+    """`optax_ekfac.ekfac(layers)`: adapted step size, momentum and damping,
+    nothing swept.
 
     Args:
         eigenvalue_correction: True for EKFAC, False for KFAC under the same
             step control.
-        fisher_type: `"empirical"` or `"mc"` (see `optax_ekfac.Curvature`).
+        fisher_type: the `Curvature`'s Fisher; `"mc"` (sampled labels, a
+            fresh key every step) is the one recommended with the adaptive
+            step.
         **settings: keyword arguments of `optax_ekfac.ekfac` that describe the
             model rather than tune the optimizer (`weight_sharing`).
     """
 
     def make(layers):
-        return oek.ekfac(layers, eigenvalue_correction=eigenvalue_correction, **settings)
+        return oek.ekfac(
+            layers, eigenvalue_correction=eigenvalue_correction, **settings
+        )
 
     name = "EKFAC" if eigenvalue_correction else "KFAC"
     return Optimizer(name, make, ({},), uses_stats=True, fisher_type=fisher_type)
@@ -168,31 +172,24 @@ def ekfac_defaults(
 
 def standard_optimizers(
     *,
-    ekfac_sweep: Sequence[Hyperparameters],
     adam_learning_rates: Sequence[float],
     sgd_learning_rates: Sequence[float],
-    kfac_sweep: Sequence[Hyperparameters] | None = None,
     quick_settings: slice | None = None,
     **ekfac_settings: Any,
 ) -> list[Optimizer]:
-    """EKFAC, KFAC (the same code path), Adam and SGD with momentum.
+    """EKFAC and KFAC with their defaults (the same step control), Adam and
+    SGD with momentum over their sweeps.
 
-    `quick_settings` keeps that slice of every sweep (a `--quick` run).
-    `ekfac_settings` (`fisher_type`, and keyword arguments of
-    `optax_ekfac.scale_by_ekfac`) apply to both EKFAC and KFAC.
+    `quick_settings` keeps that slice of the Adam and SGD sweeps (a `--quick`
+    run). `ekfac_settings` (keyword arguments of `optax_ekfac.ekfac` that
+    describe the model, such as `weight_sharing`) apply to EKFAC and KFAC.
     """
     if quick_settings is not None:
-        ekfac_sweep = ekfac_sweep[quick_settings]
-        kfac_sweep = None if kfac_sweep is None else kfac_sweep[quick_settings]
         adam_learning_rates = adam_learning_rates[quick_settings]
         sgd_learning_rates = sgd_learning_rates[quick_settings]
     return [
-        ekfac(ekfac_sweep, **ekfac_settings),
-        ekfac(
-            ekfac_sweep if kfac_sweep is None else kfac_sweep,
-            eigenvalue_correction=False,
-            **ekfac_settings,
-        ),
+        ekfac_defaults(**ekfac_settings),
+        ekfac_defaults(eigenvalue_correction=False, **ekfac_settings),
         adam(adam_learning_rates),
         sgd(sgd_learning_rates),
     ]
