@@ -13,12 +13,12 @@ from optax_ekfac._src.diagnostics import (
     kfac_block,
     per_example_gradients,
 )
+from optax_ekfac._src.loss_model import LossModel
 from optax_ekfac._src.losses import (
     sigmoid_binary_cross_entropy,
     softmax_cross_entropy,
     squared_error,
 )
-from optax_ekfac._src.loss_model import LossModel
 from optax_ekfac._src.state import BlockState, ScaleByEkfacState
 from optax_ekfac._src.step_control import EkfacState
 from optax_ekfac._src.transform import ekfac, scale_by_ekfac

@@ -61,7 +61,7 @@ class Adaptation:
 
     momentum: float | None = None
     damping: float | jax.Array | None = None
-    initial_damping: float = 1.0
+    initial_damping: float = 1e-3
     min_damping: float = 1e-4
     max_damping: float = 1e4
     damping_decay: float = 0.9

@@ -10,18 +10,30 @@ Every update (Martens & Grosse, 2015, sections 6.5 and 7; as kfac-jax does):
     from the statistics' `LossModel`): a 2x2 solve. β is kept in
     [0, max_momentum] (α solved again for a clipped β).
 
-Every `damping_adaptation_interval` updates the damping follows the
-Levenberg-Marquardt rule, from the reduction ratio of the same batch's loss
-against the undamped model,
+Every `damping_adaptation_interval` updates (by default every one) the
+damping follows the Levenberg-Marquardt rule, from the reduction ratio of the
+same batch's loss against the undamped model,
 
     ρ = (L(θ + u) - L(θ)) / (gᵀu + ½ uᵀ G u),
 
     λ ← λ ω if ρ > 3/4,   λ / ω if ρ < 1/4,   ω = damping_decay ** interval,
 
-clipped to `[min_damping, max_damping]`. The step costs the preconditioner,
-one linearization of the model's outputs with two tangents, two products with
-the loss's Hessian at the outputs, and on adaptation steps one more forward
-pass.
+clipped to `[min_damping, max_damping]`. Two safeguards, measured to be
+needed (see the step-control note):
+
+* a step with `ρ ≤ 0.1` (the batch's loss fell by less than a tenth of the
+  predicted decrease, rose, or is NaN) is rejected: zero updates, the
+  momentum restarted;
+* the previous step is judged on this batch, which it has not seen: if it
+  raised this batch's loss by more than 10% (`L(θ) > 1.1 L(θ - δ)`), the
+  damping grows as for `ρ < 1/4`. A model fitted to one batch can be accurate
+  on it (`ρ ≈ 1`) and wrong for the data: with a batch of one example, the
+  step fits that example.
+
+The step costs the preconditioner, one linearization of the model's outputs
+with two tangents, two products with the loss's Hessian at the outputs and,
+on adaptation steps, one forward pass at two parameter sets (`θ + u`,
+`θ - δ`).
 """
 
 from collections.abc import Callable
@@ -38,6 +50,16 @@ from optax_ekfac._src.options import Adaptation
 from optax_ekfac._src.state import ScaleByEkfacState
 
 _LOWER_RATIO, _UPPER_RATIO = 0.25, 0.75
+# A step is taken only if the batch's loss fell by at least this fraction of
+# the predicted decrease (a trust-region test): with a batch of one example,
+# accepting every step that lowered the loss at all (ρ > 0) let steps whose
+# model was off by 10^3-10^6 through, and training blew up.
+_MIN_ACCEPTED_RATIO = 0.1
+# The previous step may raise a fresh batch's loss by this fraction before
+# the damping grows: beyond it, the step fitted its own batch and hurt the
+# data (batch 1); below it, batch-to-batch noise (0.01 slowed batch-256 runs
+# late in training; 0.1 does not).
+_FRESH_BATCH_TOLERANCE = 0.1
 
 
 class EkfacState(NamedTuple):
@@ -54,9 +76,14 @@ class EkfacState(NamedTuple):
         momentum: `β` of the last update.
         reduction_ratio: `ρ` at the last damping adaptation (NaN before it).
         model_change: the quadratic model's predicted change of the loss for
-            the last update (negative: a decrease).
+            the last update (negative: a decrease; 0 if it was rejected).
+        fresh_batch_change: the relative change of the batch's loss that the
+            previous update made, measured at the last adaptation on a batch
+            that update had not seen (`(L(θ) - L(θ - δ)) / |L(θ - δ)|`); above
+            0.1 the damping grows.
         rejected_steps: updates not taken (zeros returned) because the
-            batch's loss at the new parameters was higher (or NaN).
+            batch's loss at the new parameters fell by less than a tenth of
+            the predicted decrease (or rose, or is NaN).
     """
 
     preconditioner: ScaleByEkfacState
@@ -66,6 +93,7 @@ class EkfacState(NamedTuple):
     momentum: jax.Array
     reduction_ratio: jax.Array
     model_change: jax.Array
+    fresh_batch_change: jax.Array
     rejected_steps: jax.Array
 
 
@@ -103,6 +131,7 @@ def adaptive(
             momentum=jnp.zeros([], dtype),
             reduction_ratio=nan,
             model_change=jnp.zeros([], dtype),
+            fresh_batch_change=jnp.zeros([], dtype),
             rejected_steps=jnp.zeros([], jnp.int32),
         )
 
@@ -140,13 +169,13 @@ def adaptive(
         finite = jnp.logical_not(skipped) & jnp.isfinite(model_change)
         count = state.preconditioner.count
         due = finite & (count % adaptation.damping_adaptation_interval == 0)
-        ratio = _reduction_ratio(model, step, model_change, due)
-        # A step that raises the batch's loss (or makes it NaN) is not taken:
-        # the quadratic model was wrong there; the damping grows.
-        rejected = due & jnp.logical_not(ratio > 0)
+        ratio, fresh_change = _ratios(model, step, state, model_change, due)
+        # A step that raises the batch's loss (or makes it NaN) is not taken.
+        rejected = due & jnp.logical_not(ratio > _MIN_ACCEPTED_RATIO)
         damping = state.damping
         if not fixed_damping:
-            damping = _levenberg_marquardt(damping, ratio, due, adaptation)
+            overfitted = jnp.logical_not(fresh_change <= _FRESH_BATCH_TOLERANCE)
+            damping = _levenberg_marquardt(damping, ratio, overfitted, due, adaptation)
         step = optax.tree.where(rejected, optax.tree.zeros_like(step), step)
         new_state = EkfacState(
             preconditioner=preconditioner,
@@ -155,7 +184,8 @@ def adaptive(
             learning_rate=coefficients[0],
             momentum=coefficients[1],
             reduction_ratio=jnp.where(due, ratio, state.reduction_ratio),
-            model_change=model_change,
+            model_change=jnp.where(rejected, 0, model_change),
+            fresh_batch_change=jnp.where(due, fresh_change, state.fresh_batch_change),
             rejected_steps=state.rejected_steps + rejected.astype(jnp.int32),
         )
         # A skipped step (non-finite gradients, statistics or model) moves
@@ -224,28 +254,52 @@ def _coefficients(
     return jnp.stack([alpha_given(beta), beta])
 
 
-def _reduction_ratio(model, step, model_change, due) -> jax.Array:
-    """`ρ = (L(θ + u) - L(θ)) / model_change` on this batch where `due` (one
-    forward pass), else NaN; a NaN loss at `θ + u` gives `-inf`."""
+def _ratios(model, step, state, model_change, due) -> tuple[jax.Array, jax.Array]:
+    """Where `due` (one forward pass at `θ + u` and `θ - δ`, vmapped):
 
-    def reduction_ratio():
-        new_loss = model.loss_at(optax.apply_updates(model.params, step))
+    * `ρ = (L(θ + u) - L(θ)) / model_change`, `-inf` for a NaN loss at `θ + u`;
+    * the previous step's relative change of this batch's loss,
+      `(L(θ) - L(θ - δ)) / |L(θ - δ)|`; 0 where there was no previous step.
+
+    Elsewhere NaN and 0.
+    """
+    dtype = model_change.dtype
+    had_previous_step = state.model_change < 0
+
+    def ratios():
+        candidates = jax.tree.map(
+            lambda params, step, velocity: jnp.stack(
+                [
+                    params + step.astype(params.dtype),
+                    params - velocity.astype(params.dtype),
+                ]
+            ),
+            model.params,
+            step,
+            state.velocity,
+        )
+        new_loss, previous_loss = jax.vmap(model.loss_at)(candidates)
         ratio = (new_loss - model.loss) / model_change
-        return jnp.where(jnp.isnan(ratio), -jnp.inf, ratio).astype(model_change.dtype)
+        ratio = jnp.where(jnp.isnan(ratio), -jnp.inf, ratio)
+        fresh_change = (model.loss - previous_loss) / jnp.abs(previous_loss)
+        fresh_change = jnp.where(had_previous_step, fresh_change, 0)
+        return ratio.astype(dtype), fresh_change.astype(dtype)
 
-    return jax.lax.cond(
-        due, reduction_ratio, lambda: jnp.full([], jnp.nan, model_change.dtype)
-    )
+    def not_due():
+        return jnp.full([], jnp.nan, dtype), jnp.zeros([], dtype)
+
+    return jax.lax.cond(due, ratios, not_due)
 
 
-def _levenberg_marquardt(damping, ratio, due, adaptation) -> jax.Array:
+def _levenberg_marquardt(damping, ratio, overfitted, due, adaptation) -> jax.Array:
     """The damping after a reduction ratio `ratio` (where `due`): smaller
-    where the model predicted the loss well, larger where it did not."""
+    where the model predicted the batch's loss well, larger where it did not
+    or where the previous step `overfitted` (raised a fresh batch's loss)."""
     omega = adaptation.damping_decay**adaptation.damping_adaptation_interval
+    worse = jnp.logical_not(ratio >= _LOWER_RATIO) | overfitted
+    better = (ratio > _UPPER_RATIO) & jnp.logical_not(overfitted)
     new_damping = jnp.select(
-        [due & (ratio > _UPPER_RATIO), due & jnp.logical_not(ratio >= _LOWER_RATIO)],
-        [damping * omega, damping / omega],
-        damping,
+        [due & better, due & worse], [damping * omega, damping / omega], damping
     )
     new_damping = jnp.clip(new_damping, adaptation.min_damping, adaptation.max_damping)
     return new_damping.astype(damping.dtype)
