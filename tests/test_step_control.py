@@ -610,7 +610,7 @@ def test_first_update_adapts_the_damping_from_the_reduction_ratio(first):
     ratio = reference_ratio(first.problem, first.updates, first.change)
     assert ratio > 0.75
     assert_close(first.new_state.reduction_ratio, ratio, rtol=1e-6)
-    omega = 0.9**5  # the defaults: damping_decay 0.9, interval 5
+    omega = 0.9  # the defaults: damping_decay 0.9, every update
     assert_close(first.new_state.damping, INITIAL_DAMPING * omega)
 
 
@@ -648,14 +648,24 @@ def test_damping_follows_the_reduction_ratio(
     grads, stats = statistics(problem)
     updates, new_state = update(tx, grads, state, problem.params, stats)
 
-    _, _, change = first_update_reference(
+    direction, alpha, change = first_update_reference(
         problem, layers, state, grads, stats, initial_damping
     )
-    assert_close(new_state.model_change, change)
-    ratio = reference_ratio(problem, updates, change)
+    candidate = optax.tree.scale(alpha, direction)
+    ratio = reference_ratio(problem, candidate, change)
     assert ratio_range[0] < ratio < ratio_range[1]
     assert_close(new_state.reduction_ratio, ratio, rtol=1e-6)
     assert_close(new_state.damping, initial_damping * (decay**interval) ** factor)
+    if ratio > 0.1:
+        chex.assert_trees_all_close(updates, candidate, rtol=1e-6)
+        assert_close(new_state.model_change, change)
+        assert new_state.rejected_steps == 0
+    else:
+        # A trust-region test: a step whose loss fell by less than a tenth of
+        # the predicted decrease is not taken.
+        chex.assert_trees_all_equal(updates, optax.tree.zeros_like(updates))
+        assert new_state.model_change == 0
+        assert new_state.rejected_steps == 1
 
 
 def with_ratio(problem, stats, updates, change, ratio):
@@ -680,10 +690,62 @@ def test_damping_rule_at_constructed_reduction_ratios(first, ratio, factor):
     assert_close(new_state.damping, INITIAL_DAMPING * (0.7**3) ** factor)
 
 
-def test_a_nan_loss_after_the_step_counts_as_a_failed_step(first):
+@pytest.mark.parametrize("ratio", [-0.5, 0.05, 0.15])
+def test_a_step_whose_loss_fell_by_a_tenth_of_the_prediction_or_less_is_rejected(
+    first, ratio
+):
+    """The trust-region test: `ρ ≤ 0.1` rejects the step (zero updates, zero
+    velocity, a zero model change, one more rejected step)."""
+    stats = with_ratio(first.problem, first.stats, first.updates, first.change, ratio)
+    tx = make_ekfac(first.layers)
+    updates, new_state = update(
+        tx, first.grads, first.state, first.problem.params, stats
+    )
+    rejected = ratio <= 0.1
+    expected = optax.tree.zeros_like(updates) if rejected else first.updates
+    chex.assert_trees_all_close(updates, expected, rtol=RTOL)
+    chex.assert_trees_all_close(new_state.velocity, expected, rtol=RTOL)
+    assert new_state.rejected_steps == int(rejected)
+    assert (new_state.model_change == 0) == rejected
+
+
+def previous_parameters_loss(first, second):
+    """The second batch's mean loss at the parameters before the first step."""
+    return mean_loss(second.problem, first.problem.params)
+
+
+def test_fresh_batch_change_is_the_previous_steps_effect_on_this_batch(first, second):
+    _, new_state = second_update(first, second)
+    before = previous_parameters_loss(first, second)
+    after = mean_loss(second.problem, second.problem.params)
+    assert_close(
+        new_state.fresh_batch_change, (after - before) / abs(before), rtol=1e-6
+    )
+
+
+@pytest.mark.parametrize("fresh_change, factor", [(0.2, -1), (0.05, 1)])
+def test_damping_grows_when_the_previous_step_raised_a_fresh_batchs_loss(
+    first, second, fresh_change, factor
+):
+    """A previous step that raised this (unseen) batch's loss by more than 10%
+    grows the damping, even where this batch's own model is good (ρ > 3/4);
+    below 10% the reduction ratio decides."""
+    before = previous_parameters_loss(first, second)
+    loss = jnp.asarray(before * (1 + fresh_change))
+    stats = second.stats._replace(
+        loss_model=dataclasses.replace(second.stats.loss_model, loss=loss)
+    )
+    tx = make_ekfac(first.layers)
+    _, new_state = update(tx, second.grads, second.state, second.problem.params, stats)
+    assert_close(new_state.fresh_batch_change, fresh_change, rtol=1e-6)
+    assert new_state.reduction_ratio > 0.75
+    assert_close(new_state.damping, second.damping * 0.9**factor, rtol=1e-6)
+
+
+def test_a_nan_loss_after_the_step_rejects_it(first):
     """The loss model's loss is NaN away from the statistics' parameters (the
-    curvature, taken there, is finite): the step is taken, `ρ` counts as
-    -100 and the damping grows."""
+    curvature, taken there, is finite): `ρ` counts as -inf, the step is not
+    taken and the damping grows."""
     model = first.stats.loss_model
     at = jax.tree.leaves(model.params)
 
@@ -700,8 +762,10 @@ def test_a_nan_loss_after_the_step_counts_as_a_failed_step(first):
     updates, new_state = update(
         tx, first.grads, first.state, first.problem.params, stats
     )
-    chex.assert_trees_all_close(updates, first.updates, rtol=RTOL)
-    assert new_state.reduction_ratio == -100
+    chex.assert_trees_all_equal(updates, optax.tree.zeros_like(updates))
+    chex.assert_trees_all_equal(new_state.velocity, optax.tree.zeros_like(updates))
+    assert new_state.reduction_ratio == -np.inf
+    assert new_state.rejected_steps == 1
     assert_close(new_state.damping, INITIAL_DAMPING / 0.7**3)
 
 
@@ -753,7 +817,8 @@ def test_fixed_damping_is_not_adapted(first):
         tx, first.grads, state, first.problem.params, first.stats
     )
     assert new_state.damping == INITIAL_DAMPING
-    assert np.isnan(new_state.reduction_ratio)
+    # The ratio is still measured: it decides whether the step is taken.
+    assert new_state.reduction_ratio > 0.75
     chex.assert_trees_all_close(updates, first.updates, rtol=RTOL)
 
 
