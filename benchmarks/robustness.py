@@ -92,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> BenchmarkResult:
     cli.seeds_argument(parser)
     args = parser.parse_args(argv)
     running.limit_blas_threads()
-    steps = args.steps or (10 if args.quick else 100)
+    steps = args.steps or (10 if args.quick else 50)
     seeds = range(args.seeds or (1 if args.quick else 3))
     trials = []
     print(f"{'problem':<12}{'batch':>6}{'seed':>5}{'initial':>11}{'final':>11}")

@@ -61,14 +61,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     def loss_fn(params, x):  # unreduced: one loss per example
         return oek.squared_error(model.apply({"params": params}, x), x)
 
-    curvature = oek.Curvature(loss_fn)
+    # The sampled Fisher: the curvature the adaptive step is measured to need.
+    curvature = oek.Curvature(loss_fn, fisher_type="mc")
     layers = curvature.layers(init_params, *batches[0])
     print(layers)
-    # learning_rate at most about damping (see the README); both settings are
-    # the best of the sweeps in benchmarks/autoencoder.py.
-    ekfac = oek.ekfac(
-        layers, learning_rate=3e-3, momentum=0.9, damping=1e-2, eigen_update_every=10
-    )
+    # The defaults: step size, momentum and damping adapted every step.
+    ekfac = oek.ekfac(layers)
     adam = optax.adam(3e-3)
 
     @jax.jit

@@ -57,19 +57,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         logits = model.apply({"params": params}, images)
         return oek.softmax_cross_entropy(logits, labels)
 
-    curvature = oek.Curvature(loss_fn)
+    # The sampled Fisher: the curvature the adaptive step is measured to need.
+    curvature = oek.Curvature(loss_fn, fisher_type="mc")
     layers = curvature.layers(init_params, *batches[0])
     print(layers)
-    # learning_rate at most about damping (see the README); both settings are
-    # the best of the sweeps in benchmarks/cnn.py.
-    ekfac = oek.ekfac(
-        layers,
-        learning_rate=1e-2,
-        momentum=0.9,
-        damping=3e-2,
-        eigen_update_every=10,
-        weight_sharing="reduce",
-    )
+    # The defaults (step size, momentum and damping adapted every step);
+    # "reduce" because one loss term pools every image position.
+    ekfac = oek.ekfac(layers, weight_sharing="reduce")
     adam = optax.adam(3e-2)
 
     @jax.jit

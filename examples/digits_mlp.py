@@ -55,16 +55,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     def loss_fn(params, x, y):  # unreduced: one loss per example
         return oek.softmax_cross_entropy(model.apply({"params": params}, x), y)
 
-    curvature = oek.Curvature(loss_fn)
+    # The sampled Fisher: the curvature the adaptive step is measured to need.
+    curvature = oek.Curvature(loss_fn, fisher_type="mc")
     layers = curvature.layers(init_params, *batches[0])
     print(layers)
-    # The damping is absolute: it is added to curvatures that shrink as the loss
-    # falls, and the largest stable learning rate grows with it. Here
-    # learning_rate = damping works (twice that diverges); the learning rates
-    # of Adam and EKFAC are the best of small sweeps.
-    ekfac = oek.ekfac(
-        layers, learning_rate=1e-3, momentum=0.9, damping=1e-3, eigen_update_every=10
-    )
+    # The defaults: step size, momentum and damping adapted every step (Adam's
+    # learning rate is the best of a small sweep).
+    ekfac = oek.ekfac(layers)
     adam = optax.adam(1e-2)
 
     @jax.jit

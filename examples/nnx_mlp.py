@@ -45,12 +45,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     def loss_fn(model, x, y):  # takes the model; unreduced: one loss per example
         return oek.softmax_cross_entropy(model(x), y)
 
-    curvature = oek.nnx.Curvature(loss_fn)
+    curvature = oek.nnx.Curvature(loss_fn, fisher_type="mc")
     layers = curvature.layers(model, *batches[0])
     print(layers)  # blocks named by their paths in nnx.state(model): layers/0, ...
     optimizer = nnx.Optimizer(
         model,
-        oek.ekfac(layers, learning_rate=1e-3, momentum=0.9, damping=1e-3),
+        oek.ekfac(layers),  # step size, momentum and damping adapted
         wrt=nnx.Param,
     )
 

@@ -108,14 +108,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         logits = model.apply({"params": params}, windows[:, :-1])
         return oek.softmax_cross_entropy(logits, windows[:, 1:])
 
-    curvature = oek.Curvature(loss_fn)
+    # The sampled Fisher: the curvature the adaptive step is measured to need.
+    curvature = oek.Curvature(loss_fn, fisher_type="mc")
     layers = curvature.layers(init_params, *batches[0])
     print(layers)
-    # learning_rate at most about damping (see the README); both settings are
-    # the best of the sweeps in benchmarks/transformer.py.
-    ekfac = oek.ekfac(
-        layers, learning_rate=5e-3, momentum=0.9, damping=1.5e-2, eigen_update_every=10
-    )
+    # The defaults: step size, momentum and damping adapted every step.
+    ekfac = oek.ekfac(layers)
     adam = optax.adam(3e-3)
 
     @jax.jit
