@@ -136,8 +136,12 @@ def step_cost(
             ),
             "EKFAC stats every 10": specs.ekfac(
                 [hyperparameters],
+                eigen_update_every=EIGEN_UPDATE_EVERY,
                 stats_update_every=10,
             ),
+            # The recommended optimizer: adapted step size, momentum and
+            # damping (statistics every step, eigenbases every 10).
+            "EKFAC defaults": specs.ekfac_defaults(),
         }
         calls = {
             name: cost.stepper(
@@ -161,6 +165,7 @@ def step_cost(
                     layers,
                     batch_size,
                     stats_update_every=every,
+                    eigen_update_every=EIGEN_UPDATE_EVERY,
                     counted=counted,
                 )
                 for every in (1, 10)

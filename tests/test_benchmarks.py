@@ -119,3 +119,27 @@ def test_flop_model_counts_the_issue_terms():
             )
         )
     )
+
+
+def test_defaults_run_and_targets_combine_over_seeds(small_problem):
+    """The recommended optimizer runs in the harness with one setting and one
+    trace, and a target over seeds is met only where met on every seed."""
+    settings = specs.Settings(steps=4, warmup_steps=1, eval_every=2)
+    comparison = running.compare(
+        small_problem,
+        [specs.ekfac_defaults(), specs.adam([1e-2])],
+        settings,
+        log=lambda _: None,
+    )
+    ekfac = comparison.optimizers["EKFAC"]
+    assert ekfac.traces == 1 and len(ekfac.runs) == 1
+    assert ekfac.runs[0].hyperparameters == {}
+    assert np.isfinite(ekfac.runs[0].final_train_loss)
+
+    met, missed, unknown = (
+        records.Target("t", verdict, "d") for verdict in (True, False, None)
+    )
+    assert reporting.over_seeds([met, met]).status == "MET"
+    assert reporting.over_seeds([met, unknown]).status == "NOT MEASURABLE"
+    assert reporting.over_seeds([met, missed, unknown]).status == "MISSED"
+    assert reporting.over_seeds([met, missed]).detail.startswith("1/2 seeds")

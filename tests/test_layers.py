@@ -375,9 +375,7 @@ def test_embed_per_position_scalings_equal_the_reference(name):
     block_state = state.blocks["embed"]
     projected = outputs @ block_state.output_eigenbasis  # [N, P, F]
     # Each position its own example: Σ_{n,p} a² ⊗ (U_Bᵀ d)², over N terms.
-    expected = (
-        jnp.einsum("npv,npf->vf", inputs**2, projected**2) / stats.num_terms
-    )
+    expected = jnp.einsum("npv,npf->vf", inputs**2, projected**2) / stats.num_terms
     chex.assert_trees_all_close(block_state.scalings, expected, atol=1e-12)
 
 
@@ -389,9 +387,7 @@ def test_reduce_sums_positions_before_the_outer_products():
     tx = oek.scale_by_ekfac(layers, weight_sharing="reduce")
     state = tx.update(grads, tx.init(params), params, stats=stats)[1]
     block = next(b for b in layers.blocks if b.name == "attention/query")
-    inputs, outputs = blocks.example_rows(
-        block, stats.layers[block.name], jnp.float64
-    )
+    inputs, outputs = blocks.example_rows(block, stats.layers[block.name], jnp.float64)
     mean_inputs, summed_outputs = inputs.mean(1), outputs.sum(1)
     chex.assert_trees_all_close(
         state.blocks[block.name].input_factor,
