@@ -170,7 +170,8 @@ def adaptive(
         count = state.preconditioner.count
         due = finite & (count % adaptation.damping_adaptation_interval == 0)
         ratio, fresh_change = _ratios(model, step, state, model_change, due)
-        # A step that raises the batch's loss (or makes it NaN) is not taken.
+        # The trust-region test: a step whose batch loss fell by a tenth of the
+        # predicted decrease or less (or rose, or is NaN) is not taken.
         rejected = due & jnp.logical_not(ratio > _MIN_ACCEPTED_RATIO)
         damping = state.damping
         if not fixed_damping:
