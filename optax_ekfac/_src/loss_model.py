@@ -93,13 +93,10 @@ class LossModel:
             return jax.jvp(jax.grad(mean_loss), (zeros,), (tangent,))[1]
 
         hessian_tangents = jax.vmap(hessian_product)(tangents)
+        # Products and sums, not a matmul: the outputs' example axis may be
+        # sharded, and a sum over it is an all-reduce JAX knows how to shard.
         products = jnp.zeros((len(vectors), len(vectors)), outputs[0].dtype)
-        products += sum(
-            jnp.einsum(
-                "ix,jx->ij",
-                tangent.reshape(len(vectors), -1),
-                hessian_tangent.reshape(len(vectors), -1),
-            )
-            for tangent, hessian_tangent in zip(tangents, hessian_tangents)
-        )
+        for tangent, hessian_tangent in zip(tangents, hessian_tangents):
+            pairwise = tangent[:, None] * hessian_tangent[None, :]
+            products += pairwise.sum(tuple(range(2, pairwise.ndim)))
         return (products + products.T) / 2
