@@ -423,6 +423,21 @@ def assert_update(updates, new_state, direction, velocity, coefficients, change)
     assert_close(new_state.model_change, change)
 
 
+def assert_second_update(updates, new_state, second, velocity, coefficients):
+    """`assert_update` of a second update with previous update `velocity`."""
+    curvature, _, b = quadratic_model(
+        second.ggn, second.grads, second.direction, velocity
+    )
+    assert_update(
+        updates,
+        new_state,
+        second.direction,
+        velocity,
+        coefficients,
+        predicted_change(curvature, b, coefficients),
+    )
+
+
 # ----------------------------------------------------------------------------
 # 1. The loss model.
 # ----------------------------------------------------------------------------
@@ -512,13 +527,8 @@ def test_second_update_solves_the_damped_two_by_two_model(first, second):
     )
     coefficients = np.linalg.solve(curvature + second.damping * inner, -b)
     assert 0 < coefficients[1] < 0.99  # not clipped
-    assert_update(
-        updates,
-        new_state,
-        second.direction,
-        second.state.velocity,
-        coefficients,
-        predicted_change(curvature, b, coefficients),
+    assert_second_update(
+        updates, new_state, second, second.state.velocity, coefficients
     )
 
 
@@ -533,13 +543,8 @@ def test_momentum_above_max_momentum_is_clipped_and_the_step_size_solved_again(
     damped = curvature + second.damping * inner
     assert np.linalg.solve(damped, -b)[1] > max_momentum  # the clip matters
     coefficients = [-(b[0] + damped[0, 1] * max_momentum) / damped[0, 0], max_momentum]
-    assert_update(
-        updates,
-        new_state,
-        second.direction,
-        second.state.velocity,
-        coefficients,
-        predicted_change(curvature, b, coefficients),
+    assert_second_update(
+        updates, new_state, second, second.state.velocity, coefficients
     )
 
 
@@ -554,14 +559,7 @@ def test_negative_momentum_is_clipped_to_zero(first, second):
     damped = curvature + second.damping * inner
     assert np.linalg.solve(damped, -b)[1] < 0  # the clip matters
     coefficients = [-b[0] / damped[0, 0], 0.0]
-    assert_update(
-        updates,
-        new_state,
-        second.direction,
-        velocity,
-        coefficients,
-        predicted_change(curvature, b, coefficients),
-    )
+    assert_second_update(updates, new_state, second, velocity, coefficients)
 
 
 def test_fixed_momentum_solves_for_the_step_size_alone(first, second):
@@ -571,13 +569,8 @@ def test_fixed_momentum_solves_for_the_step_size_alone(first, second):
     )
     damped = curvature + second.damping * inner
     coefficients = [-(b[0] + damped[0, 1] * 0.5) / damped[0, 0], 0.5]
-    assert_update(
-        updates,
-        new_state,
-        second.direction,
-        second.state.velocity,
-        coefficients,
-        predicted_change(curvature, b, coefficients),
+    assert_second_update(
+        updates, new_state, second, second.state.velocity, coefficients
     )
 
 
@@ -590,14 +583,7 @@ def test_fixed_momentum_is_zero_without_a_previous_update(first, second):
         second.ggn, second.grads, second.direction, zeros
     )
     coefficients = [-b[0] / (curvature[0, 0] + second.damping * inner[0, 0]), 0]
-    assert_update(
-        updates,
-        new_state,
-        second.direction,
-        zeros,
-        coefficients,
-        predicted_change(curvature, b, coefficients),
-    )
+    assert_second_update(updates, new_state, second, zeros, coefficients)
 
 
 # ----------------------------------------------------------------------------
