@@ -206,7 +206,7 @@ def adaptive(
 
 def preconditioner_dtype(state: ScaleByEkfacState) -> Any:
     """The dtype the step control computes in: the curvature state's."""
-    leaves = [leaf for leaf in jax.tree.leaves(state.blocks)]
+    leaves = jax.tree.leaves(state.blocks)
     return leaves[0].dtype if leaves else jnp.float32
 
 

@@ -314,6 +314,8 @@ def ekfac(
                 max_momentum=max_momentum,
             )
         )
+        # Built once now so that bad settings are refused here, not when the
+        # first update is traced.
         preconditioner(adaptation.damping or adaptation.initial_damping)
         return step_control.adaptive(preconditioner, adaptation)
     return _skipping_non_finite_steps(
