@@ -40,8 +40,7 @@ class ScaleByEkfacState(NamedTuple):
             statistics) does not count, so the amortization schedule and the
             bias correction continue as if it never happened.
         stats_count: statistics refreshes so far (bias correction of the
-            factors and of `second_moments`).
-        scalings_count: scalings refreshes since the eigenbases last changed.
+            factors, the scalings and `second_moments`).
         skipped_steps: steps skipped so far because their gradients or
             statistics held a NaN or an infinity.
         blocks: block name -> `BlockState`.
@@ -51,7 +50,6 @@ class ScaleByEkfacState(NamedTuple):
 
     count: jax.Array  # type: ignore[assignment]  # shadows tuple.count
     stats_count: jax.Array
-    scalings_count: jax.Array
     skipped_steps: jax.Array
     blocks: dict[str, BlockState]
     second_moments: dict[str, jax.Array]

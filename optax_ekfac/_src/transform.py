@@ -258,7 +258,8 @@ def ekfac(
         initial_damping: the adapted damping's first value.
         min_damping, max_damping: the adapted damping's range.
         damping_decay: the adapted damping is multiplied or divided by
-            `damping_decay ** damping_adaptation_interval` when it changes.
+            `damping_decay ** damping_adaptation_interval` when it changes
+            (multiplied by 10 after a step that raised the loss).
         damping_adaptation_interval: updates between damping adaptations.
         max_momentum: the largest adapted `β`.
         decay, eigen_update_every, stats_update_every,
@@ -386,12 +387,8 @@ def _initial_state(
     }
     # One array per counter: a state holding one buffer twice cannot be
     # donated (jit(..., donate_argnums=...)).
-    count, stats_count, scalings_count, skipped_steps = (
-        jnp.zeros([], jnp.int32) for _ in range(4)
-    )
-    return ScaleByEkfacState(
-        count, stats_count, scalings_count, skipped_steps, blocks, second_moments
-    )
+    count, stats_count, skipped_steps = (jnp.zeros([], jnp.int32) for _ in range(3))
+    return ScaleByEkfacState(count, stats_count, skipped_steps, blocks, second_moments)
 
 
 def _checked_inputs(
@@ -475,7 +472,6 @@ def _next_state(
     return ScaleByEkfacState(
         count=jnp.where(finite, optax.safe_increment(state.count), state.count),
         stats_count=schedule.stats_count,
-        scalings_count=schedule.scalings_count,
         skipped_steps=jnp.where(
             finite, state.skipped_steps, optax.safe_increment(state.skipped_steps)
         ),
