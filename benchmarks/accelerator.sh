@@ -101,7 +101,7 @@ fi
 
 # --- the device -------------------------------------------------------------------
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
-step device 90 "$py" -m benchmarks.accelerator --slug-file "$work/slug"
+step device 60 "$py" -m benchmarks.accelerator --slug-file "$work/slug"
 slug=$(cat "$work/slug" 2>/dev/null || true)
 json="$out/accelerator-${slug:-unknown-device}.json"
 rm -f "$json"
@@ -137,7 +137,7 @@ fi
 
 # --- the benchmarks, most important first; each part saved as it ends ---------------
 bench() { step "$1" "$2" "$py" -m benchmarks.accelerator --json "$json" $size_flag "${@:3}"; }
-bench checks 90 device precision eigh sharding
+bench checks 120 device precision eigh sharding
 bench mlp 180 mlp_step_cost memory
 bench transformer 180 transformer
 
