@@ -18,7 +18,7 @@ time leaves the others' numbers:
   explicit mesh) against the same step on one device;
 * `mlp_step_cost`: EKFAC's step time over Adam's for wide MLPs (synthetic
   data), statistics every step and every 10, next to the FLOP model
-  (`mlp.step_cost`), with a profile of the widest;
+  (`mlp.step_cost`), with a profile of the widest at the largest batch;
 * `memory`: the step's peak memory, compiled (`memory_analysis()`) and from
   the device's `memory_stats()`;
 * `transformer`: time to a target loss of a transformer LM, EKFAC's defaults
@@ -83,7 +83,8 @@ class Sizes:
         mlp_widths: hidden (and input) widths of the step-cost MLPs.
         mlp_batch_sizes: their batch sizes.
         step_rounds: rounds of 10 interleaved steps per variant.
-        profile_rounds: rounds of the profile of the widest MLP (0: none).
+        profile_rounds: rounds of the profile of the widest MLP at the
+            largest batch (0: none).
         eigh_sizes: sizes of the timed eigendecompositions.
         eigh_repeats: timed calls per size (after one that compiles).
         matmul_size: size of the square matmuls of `precision`.
@@ -113,10 +114,10 @@ class Sizes:
 FULL = Sizes(
     mlp_widths=(1024, 4096),
     mlp_batch_sizes=(1024, 8192),
-    step_rounds=3,
+    step_rounds=2,
     profile_rounds=3,
     eigh_sizes=(1024, 2048, 4096, 8192),
-    eigh_repeats=3,
+    eigh_repeats=2,
     matmul_size=8192,
     precision_width=1024,
     sharding_width=512,
@@ -420,18 +421,22 @@ def wide_mlp(width: int, batch_size: int, seed: int = 0) -> specs.Problem:
 
 
 def mlp_step_cost(sizes: Sizes) -> dict[str, Any]:
-    """`mlp.step_cost` for each width; the widest is profiled."""
-    rows = {}
+    """`mlp.step_cost` for each width and batch size; the widest at the
+    largest batch is profiled."""
+    rows: dict[str, list[mlp.StepCost]] = {}
+    largest = (max(sizes.mlp_widths), max(sizes.mlp_batch_sizes))
     for width in sizes.mlp_widths:
-        widest = width == max(sizes.mlp_widths)
-        width_rows = mlp.step_cost(
-            sizes.mlp_batch_sizes,
-            rounds=sizes.step_rounds,
-            profile_rounds=sizes.profile_rounds if widest else 0,
-            make_problem=functools.partial(wide_mlp, width),
-        )
-        mlp.report_step_cost(width_rows, f"MLP {width}-{width}-{width}-10")
-        rows[str(width)] = width_rows
+        rows[str(width)] = []
+        for batch_size in sizes.mlp_batch_sizes:
+            rows[str(width)] += mlp.step_cost(
+                [batch_size],
+                rounds=sizes.step_rounds,
+                profile_rounds=sizes.profile_rounds
+                if (width, batch_size) == largest
+                else 0,
+                make_problem=functools.partial(wide_mlp, width),
+            )
+        mlp.report_step_cost(rows[str(width)], f"MLP {width}-{width}-{width}-10")
     return {"eigen_update_every": mlp.EIGEN_UPDATE_EVERY, "widths": rows}
 
 

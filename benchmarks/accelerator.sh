@@ -9,8 +9,9 @@
 #
 # Options: --out DIR (default benchmarks/results); --no-install (use the
 # interpreter's packages as they are, e.g. on a machine without a registry).
-# Environment: PYTHON=/path/to/python runs that interpreter (else a venv
-# .venv-accelerator over the system's packages, else python3);
+# Environment: PYTHON=/path/to/python runs that interpreter (else python3 with
+# --no-install or --dry-run; else a venv .venv-accelerator over the system's
+# packages, or python3 where no venv can be made);
 # ACCELERATOR_BUDGET_SECONDS (default 470, dry run 110) bounds the whole run.
 #
 # Every number goes to DIR/accelerator-<device>.json, rewritten after each
@@ -77,14 +78,16 @@ step() {
 # --- install: the project, its tests' packages, and the CUDA jax ---------------
 if [ -n "${PYTHON:-}" ]; then
   py=$PYTHON
-elif [ "$dry_run" = 1 ]; then
+elif [ "$install" = 0 ]; then
   py=python3
-elif [ -x .venv-accelerator/bin/python ] \
-  || python3 -m venv --system-site-packages .venv-accelerator >/dev/null 2>&1; then
+elif [ -x .venv-accelerator/bin/pip ]; then
+  py=.venv-accelerator/bin/python
+elif python3 -m venv --system-site-packages .venv-accelerator >/dev/null 2>&1; then
   py=.venv-accelerator/bin/python
 else
+  rm -rf .venv-accelerator  # no venv module or no ensurepip: the system's pip
   py=python3
-  export PIP_BREAK_SYSTEM_PACKAGES=1  # no venv module: the system's pip
+  export PIP_BREAK_SYSTEM_PACKAGES=1
 fi
 if [ "$install" = 1 ]; then
   # A jax that already sees the GPU is kept; else the CUDA extra the driver
@@ -130,7 +133,7 @@ if [ "$dry_run" = 1 ]; then
 else
   parallel=()
   if "$py" -c 'import xdist' >/dev/null 2>&1; then parallel=(-n 4 --dist loadfile); fi
-  step tests 150 env XLA_PYTHON_CLIENT_PREALLOCATE=false \
+  step tests 120 env XLA_PYTHON_CLIENT_PREALLOCATE=false \
     "$py" -m pytest -q -p no:cacheprovider "${parallel[@]}" \
     --junitxml="$work/junit.xml" "${tests[@]}"
 fi
