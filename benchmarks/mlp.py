@@ -17,7 +17,7 @@ Usage:
 
 import dataclasses
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -94,9 +94,10 @@ class StepCost:
         counted_predicted_ratio_to_adam: its EKFAC/Adam ratio.
         adam_gflops_per_second: Adam's throughput under the issue's model.
         profile_ms: where one EKFAC refresh step's time goes
-            (`cost.profile_ekfac`, statistics every step).
+            (`cost.profile_ekfac`, statistics every step; empty where not
+            profiled).
         profile_predicted_ms: the counted model's pieces at the
-            forward/backward's measured throughput.
+            forward/backward's measured throughput (empty likewise).
     """
 
     batch_size: int
@@ -114,13 +115,26 @@ class StepCost:
 
 
 def step_cost(
-    batch_sizes: Sequence[int], rounds: int, profile_rounds: int, seed: int = 0
+    batch_sizes: Sequence[int],
+    rounds: int,
+    profile_rounds: int,
+    seed: int = 0,
+    make_problem: Callable[[int, int], specs.Problem] = problem,
 ) -> list[StepCost]:
     """Adam's and EKFAC's step times at each batch size, the FLOP model's
-    prediction, and EKFAC's profile: one `StepCost` per batch size."""
+    prediction, and EKFAC's profile: one `StepCost` per batch size.
+
+    Args:
+        batch_sizes: examples per step, one row each.
+        rounds: rounds of interleaved timings (of 10 steps each variant).
+        profile_rounds: rounds of `cost.profile_ekfac` (0: no profile).
+        seed: the initialization and mini-batch order.
+        make_problem: `make_problem(batch_size, seed)` -> the problem
+            (default: this module's digits MLP).
+    """
     rows = []
     for batch_size in batch_sizes:
-        bench = problem(batch_size, seed)
+        bench = make_problem(batch_size, seed)
         indices = data.batch_indices(
             len(bench.train[0]), batch_size, 2 * EIGEN_UPDATE_EVERY, seed
         )
@@ -179,25 +193,31 @@ def step_cost(
             }
             for flop_models in (models, counted_models)
         )
-        profile = cost.profile_ekfac(
-            bench.loss_fn,
-            bench.params,
-            first_batch,
-            damping=hyperparameters["damping"],
-            rounds=profile_rounds,
-        )
-        # One refresh step, not amortized, at the forward/backward's throughput.
-        refresh_flops = cost.flop_model(
-            layers,
-            batch_size,
-            stats_update_every=1,
-            eigen_update_every=1,
-            counted=True,
-        )
-        flops_per_ms = refresh_flops["forward_backward"] / profile["forward_backward"]
-        profile_predicted = {
-            part: refresh_flops[part] / flops_per_ms for part in cost.PARTS
-        }
+        profile: dict[str, float] = {}
+        profile_predicted: dict[str, float] = {}
+        if profile_rounds:
+            profile = cost.profile_ekfac(
+                bench.loss_fn,
+                bench.params,
+                first_batch,
+                damping=hyperparameters["damping"],
+                rounds=profile_rounds,
+            )
+            # One refresh step, not amortized, at the forward/backward's
+            # throughput.
+            refresh_flops = cost.flop_model(
+                layers,
+                batch_size,
+                stats_update_every=1,
+                eigen_update_every=1,
+                counted=True,
+            )
+            flops_per_ms = (
+                refresh_flops["forward_backward"] / profile["forward_backward"]
+            )
+            profile_predicted = {
+                part: refresh_flops[part] / flops_per_ms for part in cost.PARTS
+            }
         rows.append(
             StepCost(
                 batch_size=batch_size,
@@ -221,10 +241,12 @@ def step_cost(
     return rows
 
 
-def report_step_cost(rows: Sequence[StepCost]) -> None:
+def report_step_cost(
+    rows: Sequence[StepCost], title: str = "MLP 64-256-256-10"
+) -> None:
     """Prints measured times next to the FLOP model, and the profiles."""
     print(
-        "\nStep cost, MLP 64-256-256-10 (eigenbases every 10 steps; the steps "
+        f"\nStep cost, {title} (eigenbases every 10 steps; the steps "
         "take turns in blocks of 10)"
     )
     print(
@@ -252,6 +274,8 @@ def report_step_cost(rows: Sequence[StepCost]) -> None:
         )
         profile = row.profile_ms
         predicted = row.profile_predicted_ms
+        if not profile:
+            continue
         print(
             f"{'':>6} profile of one refresh step, ms measured [counted model at "
             "the forward/backward's throughput]: "

@@ -13,7 +13,7 @@ import numpy as np
 import optax
 
 from benchmarks import reporting
-from benchmarks.records import BenchmarkResult, Comparison, Machine
+from benchmarks.records import BenchmarkResult, Comparison, Machine, as_json
 
 
 def machine_info() -> Machine:
@@ -51,13 +51,22 @@ def save(
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / f"{result.name}.json"
-    json_path.write_text(json.dumps(_finite(result.to_json()), indent=1))
+    write_json(json_path, result.to_json())
     paths = [json_path]
     if plot and result.comparison is not None:
         paths.append(plot_curves(result.comparison, out_dir / f"{result.name}.png"))
     for path in paths:
         log(f"wrote {path}")
     return paths
+
+
+def write_json(path: str | os.PathLike, value: Any) -> None:
+    """`value` (records, or JSON values) as JSON, non-finite floats as null;
+    written to a temporary file first, so `path` is never half written."""
+    path = pathlib.Path(path)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(_finite(as_json(value)), indent=1))
+    temporary.replace(path)
 
 
 def plot_curves(comparison: Comparison, path: pathlib.Path) -> pathlib.Path:

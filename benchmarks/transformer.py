@@ -62,13 +62,27 @@ class LanguageModel(nn.Module):
 
 
 def problem(
-    batch_size: int = 32, num_chars: int = 200_000, seed: int = 0
+    batch_size: int = 32,
+    num_chars: int = 200_000,
+    seed: int = 0,
+    *,
+    sequence_length: int = SEQUENCE_LENGTH,
+    **model_settings: int,
 ) -> specs.Problem:
     """Next-character prediction on Python's source; target train loss 1.8
-    nats per character."""
+    nats per character.
+
+    Args:
+        batch_size: sequences per step.
+        num_chars: characters of text (the last 10% held out).
+        seed: the initialization.
+        sequence_length: characters per sequence.
+        **model_settings: `LanguageModel`'s sizes (`width`, `num_layers`,
+            `num_heads`, `mlp_width`; its defaults where not given).
+    """
     text = data.python_source(num_chars)
-    train, test, vocabulary = data.character_sequences(text, SEQUENCE_LENGTH)
-    model = LanguageModel(vocab_size=len(vocabulary))
+    train, test, vocabulary = data.character_sequences(text, sequence_length)
+    model = LanguageModel(vocab_size=len(vocabulary), **model_settings)
 
     def loss_fn(params, windows):
         logits = model.apply({"params": params}, windows[:, :-1])
@@ -77,11 +91,12 @@ def problem(
     return specs.Problem(
         name="transformer",
         title=(
-            f"Transformer LM (2 layers, width 64, {len(vocabulary)} characters) "
-            "on Python's source"
+            f"Transformer LM ({model.num_layers} layers, width {model.width}, "
+            f"{len(vocabulary)} characters) on Python's source"
         ),
         loss_fn=loss_fn,
-        params=model.init(jax.random.key(seed), train[:1, :-1])["params"],
+        # One compiled init, not one per initializer.
+        params=jax.jit(model.init)(jax.random.key(seed), train[:1, :-1])["params"],
         train=(train,),
         test=(test,),
         batch_size=batch_size,

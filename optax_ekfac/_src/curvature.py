@@ -42,6 +42,15 @@ from optax_ekfac._src.state import BlockState
 # scaling (`relative_damping_floor`), chosen by benchmarks/float32_eigh.py.
 _RELATIVE_DAMPING_FLOOR_EPS = 100
 
+# Every matmul here (factors, projections onto the eigenbases, the
+# preconditioner's rotations) runs in float32 whatever the ambient
+# `jax_default_matmul_precision`: JAX's default rounds float32 inputs to TF32
+# on recent GPUs and to bfloat16 on TPUs (10 or 7 bits, not 23), far above the
+# round-off the damping floor assumes, and the rotations would mix large
+# curvature directions into small ones. The model's own matmuls keep the
+# user's setting. No effect on CPU.
+MATMUL_PRECISION = jax.lax.Precision.HIGHEST
+
 
 # --- factors ------------------------------------------------------------------
 
@@ -64,10 +73,14 @@ def kronecker_factors(
         input_rows = input_rows.mean(1, keepdims=True)
         output_rows = output_rows.sum(1, keepdims=True)
     flat_inputs = input_rows.reshape(-1, input_rows.shape[-1])
-    input_factor = sum_over_examples("ni,nj->ij", flat_inputs, flat_inputs)
+    input_factor = sum_over_examples(
+        "ni,nj->ij", flat_inputs, flat_inputs, precision=MATMUL_PRECISION
+    )
     input_factor /= flat_inputs.shape[0]
     flat_outputs = output_rows.reshape(-1, output_rows.shape[-1])
-    output_factor = sum_over_examples("ni,nj->ij", flat_outputs, flat_outputs)
+    output_factor = sum_over_examples(
+        "ni,nj->ij", flat_outputs, flat_outputs, precision=MATMUL_PRECISION
+    )
     output_factor /= num_terms
     return input_factor, output_factor
 
@@ -87,12 +100,16 @@ def diagonal_factors(
     input_factor = input_factor.at[ids.reshape(-1)].add(
         1, out_sharding=sharding_of(input_factor)
     )
-    output_factor = sum_over_examples("npi,npj->ij", output_rows, output_rows)
+    output_factor = sum_over_examples(
+        "npi,npj->ij", output_rows, output_rows, precision=MATMUL_PRECISION
+    )
     if attend_rows is not None:
         vocabulary_rows, feature_rows = attend_rows
         num_positions += vocabulary_rows.shape[1]
         input_factor += jnp.square(vocabulary_rows).sum((0, 1))
-        output_factor += sum_over_examples("npi,npj->ij", feature_rows, feature_rows)
+        output_factor += sum_over_examples(
+            "npi,npj->ij", feature_rows, feature_rows, precision=MATMUL_PRECISION
+        )
     return (
         input_factor / (num_examples * num_positions),
         output_factor / num_terms,
@@ -149,8 +166,8 @@ def scalings(
     """`(1/N) Σ_n (U_Aᵀ G_n U_B)²` (or its per-position form) of one batch,
     `N = num_terms`, from rows `[N, P, dim]`."""
     num_positions = output_rows.shape[1]
-    projected_outputs = output_rows @ output_basis
-    projected_inputs = input_rows @ input_basis
+    projected_outputs = _matmul(output_rows, output_basis)
+    projected_inputs = _matmul(input_rows, input_basis)
     if num_positions == 1 or not exact:
         # Two matmuls: Σ_{n,p} (U_Aᵀa)² (U_Bᵀd)²ᵀ.
         return (
@@ -158,6 +175,7 @@ def scalings(
                 "npi,npo->io",
                 jnp.square(projected_inputs),
                 jnp.square(projected_outputs),
+                precision=MATMUL_PRECISION,
             )
             / num_terms
         )
@@ -179,7 +197,7 @@ def diagonal_scalings(
     row `id` of `S` gathers `(U_Bᵀ d)²` of that token, `(1/N)`-scaled; `rows`
     as for `diagonal_factors`."""
     ids, output_rows, attend_rows = rows
-    projected_outputs = output_rows @ output_basis
+    projected_outputs = _matmul(output_rows, output_basis)
     output_dim = projected_outputs.shape[-1]
     squares = jnp.square(projected_outputs).reshape(-1, output_dim)
     scalings = jnp.zeros((input_dim, output_dim), squares.dtype)
@@ -191,14 +209,20 @@ def diagonal_scalings(
         scalings += sum_over_examples(
             "npv,npf->vf",
             jnp.square(vocabulary_rows),
-            jnp.square(feature_rows @ output_basis),
+            jnp.square(_matmul(feature_rows, output_basis)),
+            precision=MATMUL_PRECISION,
         )
     return scalings / num_terms
 
 
 def kfac_scalings(input_eigenvalues: jax.Array, output_eigenvalues: jax.Array):
     """K-FAC's scalings `outer(eigvals(A), eigvals(B))` (per group)."""
-    return jnp.einsum("...i,...o->...io", input_eigenvalues, output_eigenvalues)
+    return jnp.einsum(
+        "...i,...o->...io",
+        input_eigenvalues,
+        output_eigenvalues,
+        precision=MATMUL_PRECISION,
+    )
 
 
 def carried_scalings(
@@ -259,13 +283,13 @@ def precondition(
     if min_relative_damping is None:
         min_relative_damping = relative_damping_floor(scalings.dtype)
     damping = jnp.maximum(damping, min_relative_damping * scalings.max())
-    projected = gradient.astype(output_basis.dtype) @ output_basis
+    projected = _matmul(gradient.astype(output_basis.dtype), output_basis)
     if input_basis is not None:
-        projected = input_basis.T @ projected
+        projected = _matmul(input_basis.T, projected)
     projected = projected / (scalings + damping)
     if input_basis is not None:
-        projected = input_basis @ projected
-    return projected @ output_basis.T
+        projected = _matmul(input_basis, projected)
+    return _matmul(projected, output_basis.T)
 
 
 def relative_damping_floor(dtype: Any, eigh_dtype: Any = None) -> float:
@@ -284,6 +308,11 @@ def relative_damping_floor(dtype: Any, eigh_dtype: Any = None) -> float:
         float(jnp.finfo(eigh_dtype).eps) if eigh_dtype is not None else 0.0,
     )
     return _RELATIVE_DAMPING_FLOOR_EPS * eps
+
+
+def _matmul(a: jax.Array, b: jax.Array) -> jax.Array:
+    """`a @ b` in float32 (`MATMUL_PRECISION`)."""
+    return jnp.matmul(a, b, precision=MATMUL_PRECISION)
 
 
 def _sum_of_squared_per_example_gradients(
@@ -308,7 +337,9 @@ def _sum_of_squared_per_example_gradients(
         return rows.reshape((num_shards, per_shard) + rows.shape[1:])
 
     def chunk_sum(inputs, outputs):
-        per_example = jnp.einsum("snpi,snpo->snio", inputs, outputs)
+        per_example = jnp.einsum(
+            "snpi,snpo->snio", inputs, outputs, precision=MATMUL_PRECISION
+        )
         return jnp.square(per_example).sum(1)  # [shards, i, o]
 
     if chunk == per_shard:

@@ -126,17 +126,22 @@ def map_over_axis(
     )(list(operands))
 
 
-def sum_over_examples(subscripts: str, *operands: jax.Array) -> jax.Array:
+def sum_over_examples(
+    subscripts: str, *operands: jax.Array, precision: Any = None
+) -> jax.Array:
     """`jnp.einsum` of rows that sums over the examples (and positions).
 
     With the batch sharded along the example axis under an explicit mesh, JAX
     asks where a contraction over that axis should go: the sum over the
     global batch is replicated, like the state it joins (an all-reduce).
+    `precision` is `jnp.einsum`'s.
     """
     replicated = jax.sharding.NamedSharding(
         jax.sharding.get_abstract_mesh(), jax.sharding.PartitionSpec()
     )
-    return jnp.einsum(subscripts, *operands, out_sharding=replicated)
+    return jnp.einsum(
+        subscripts, *operands, out_sharding=replicated, precision=precision
+    )
 
 
 def sharding_of(array: jax.Array) -> jax.sharding.NamedSharding:
