@@ -239,16 +239,19 @@ def carried_scalings(
     hold it. Input bases are None for a diagonal input factor (embeddings).
     """
 
+    def einsum(subscripts, *operands):
+        return jnp.einsum(subscripts, *operands, precision=MATMUL_PRECISION)
+
     def squared_rotation(new_basis, old_basis):
-        return jnp.square(jnp.einsum("...ji,...jk->...ik", new_basis, old_basis))
+        return jnp.square(einsum("...ji,...jk->...ik", new_basis, old_basis))
 
     (old_input, old_output), (new_input, new_output) = old_bases, new_bases
     output_rotation = squared_rotation(new_output, old_output)
-    scalings = jnp.einsum("...io,...po->...ip", scalings, output_rotation)
+    scalings = einsum("...io,...po->...ip", scalings, output_rotation)
     if new_input is None:
         return scalings
     input_rotation = squared_rotation(new_input, old_input)
-    return jnp.einsum("...ik,...ko->...io", input_rotation, scalings)
+    return einsum("...ik,...ko->...io", input_rotation, scalings)
 
 
 # --- preconditioning ----------------------------------------------------------

@@ -175,9 +175,10 @@ def adaptive(
             optax.tree.scale(coefficients[0], descent),
             optax.tree.scale(coefficients[1], state.velocity),
         )
-        model_change = coefficients @ curvature @ coefficients / 2 + (
-            coefficients @ gradient_products
-        )
+        # Sums rather than `@`: exact float32 whatever the default matmul
+        # precision (TF32 on GPUs, bfloat16 on TPUs).
+        model_change = jnp.sum(jnp.outer(coefficients, coefficients) * curvature) / 2
+        model_change += jnp.sum(coefficients * gradient_products)
         finite = jnp.logical_not(skipped) & jnp.isfinite(model_change)
         count = state.preconditioner.count
         due = finite & (count % adaptation.damping_adaptation_interval == 0)
