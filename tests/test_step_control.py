@@ -714,6 +714,32 @@ def test_a_step_whose_loss_fell_by_a_tenth_of_the_prediction_or_less_is_rejected
     assert_close(new_state.damping, INITIAL_DAMPING * (10 if ratio < 0 else 1 / 0.9))
 
 
+@pytest.mark.parametrize(
+    "previous_rejected, multiplier", [(False, 1 / 0.9), (True, 10)]
+)
+def test_a_second_rejection_in_a_row_grows_the_damping_tenfold(
+    first, second, previous_rejected, multiplier
+):
+    """`0 < ρ ≤ 0.1` rejects with `λ / ω` after a taken step, `10 λ` after a
+    rejected one."""
+    tx = make_ekfac(first.layers)
+    state = first.new_state
+    if previous_rejected:
+        stats = with_ratio(
+            first.problem, first.stats, first.updates, first.change, 0.05
+        )
+        _, state = update(tx, first.grads, first.state, first.problem.params, stats)
+        assert state.rejected_steps == 1
+    updates, trial = update(
+        tx, second.grads, state, second.problem.params, second.stats
+    )
+    stats = with_ratio(second.problem, second.stats, updates, trial.model_change, 0.05)
+    _, new_state = update(tx, second.grads, state, second.problem.params, stats)
+    assert_close(new_state.reduction_ratio, 0.05, rtol=1e-5)
+    assert new_state.rejected_steps == state.rejected_steps + 1
+    assert_close(new_state.damping, state.damping * multiplier, rtol=1e-6)
+
+
 def previous_parameters_loss(first, second):
     """The second batch's mean loss at the parameters before the first step."""
     return mean_loss(second.problem, first.problem.params)

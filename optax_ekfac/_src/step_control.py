@@ -23,8 +23,8 @@ needed (see the step-control note):
 
 * a step with `ρ ≤ 0.1` (the batch's loss fell by less than a tenth of the
   predicted decrease, rose, or is NaN) is rejected: zero updates, the
-  momentum restarted; where the loss rose (`ρ ≤ 0`) the damping grows
-  tenfold;
+  momentum restarted; where the loss rose (`ρ ≤ 0`), or where the previous
+  step was rejected too, the damping grows tenfold;
 * the previous step is judged on this batch, which it has not seen: if it
   raised this batch's loss by more than 10% (`L(θ) > 1.1 L(θ - δ)`), the
   damping grows as for `ρ < 1/4`. A model fitted to one batch can be accurate
@@ -189,7 +189,11 @@ def adaptive(
         damping = state.damping
         if not fixed_damping:
             overfitted = jnp.logical_not(fresh_change <= _FRESH_BATCH_TOLERANCE)
-            damping = _levenberg_marquardt(damping, ratio, overfitted, due, adaptation)
+            # The previous update was rejected (its model change is zeroed).
+            again = (state.model_change == 0) & (count > 0)
+            damping = _levenberg_marquardt(
+                damping, ratio, overfitted, due, again, adaptation
+            )
         step = optax.tree.where(rejected, optax.tree.zeros_like(step), step)
         new_state = EkfacState(
             preconditioner=preconditioner,
@@ -305,7 +309,9 @@ def _ratios(model, step, state, model_change, due) -> tuple[jax.Array, jax.Array
     return jax.lax.cond(due, ratios, not_due)
 
 
-def _levenberg_marquardt(damping, ratio, overfitted, due, adaptation) -> jax.Array:
+def _levenberg_marquardt(
+    damping, ratio, overfitted, due, rejected_before, adaptation
+) -> jax.Array:
     """The damping after a reduction ratio `ratio` (where `due`): smaller
     where the model predicted the batch's loss well, larger where it did not
     or where the previous step `overfitted` (raised a fresh batch's loss),
@@ -316,6 +322,9 @@ def _levenberg_marquardt(damping, ratio, overfitted, due, adaptation) -> jax.Arr
     # A step that raised the loss (or made it NaN): its model was far off,
     # unlike one that lowered it by too little.
     raised = due & jnp.logical_not(ratio > 0)
+    # A second rejection in a row: growing by 1/ω per step left a batch-of-one
+    # CNN 25 steps at a loss far above its initial one.
+    raised |= due & jnp.logical_not(ratio > _MIN_ACCEPTED_RATIO) & rejected_before
     new_damping = jnp.select(
         [raised, due & better, due & worse],
         [damping * _RAISED_LOSS_DAMPING_GROWTH, damping * omega, damping / omega],

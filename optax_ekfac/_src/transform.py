@@ -259,7 +259,8 @@ def ekfac(
         min_damping, max_damping: the adapted damping's range.
         damping_decay: the adapted damping is multiplied or divided by
             `damping_decay ** damping_adaptation_interval` when it changes
-            (multiplied by 10 after a step that raised the loss).
+            (multiplied by 10 after a step that raised the loss, or after a
+            second rejected step in a row).
         damping_adaptation_interval: updates between damping adaptations.
         max_momentum: the largest adapted `β`.
         decay, eigen_update_every, stats_update_every,
