@@ -21,6 +21,7 @@ from optax_ekfac._src.losses import (
 )
 from optax_ekfac._src.state import BlockState, ScaleByEkfacState
 from optax_ekfac._src.step_control import EkfacState
+from optax_ekfac._src.train_state import TrainState, with_stats
 from optax_ekfac._src.transform import ekfac, scale_by_ekfac
 
 __version__ = "0.1.0"
@@ -36,6 +37,7 @@ __all__ = [
     "LossModel",
     "ScaleByEkfacState",
     "Statistics",
+    "TrainState",
     "ekfac",
     "ekfac_block",
     "fisher_block",
@@ -50,4 +52,5 @@ __all__ = [
     "sigmoid_binary_cross_entropy",
     "softmax_cross_entropy",
     "squared_error",
+    "with_stats",
 ]

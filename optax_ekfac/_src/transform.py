@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_ekfac._src import refresh, step_control, validation
+from optax_ekfac._src import partial, refresh, step_control, validation
 from optax_ekfac._src.blocks import Block, Layers, path_names
 from optax_ekfac._src.capture import Statistics
 from optax_ekfac._src.curvature import precondition, relative_damping_floor
@@ -164,7 +164,7 @@ def scale_by_ekfac(
     validation.check_layers(layers)
 
     def init_fn(params: optax.Params) -> ScaleByEkfacState:
-        return _initial_state(layers, params, options)
+        return _initial_state(partial.restricted(layers, params), params, options)
 
     def update_fn(
         updates: optax.Updates,
@@ -175,16 +175,19 @@ def scale_by_ekfac(
         **extra_args: Any,
     ) -> tuple[optax.Updates, ScaleByEkfacState]:
         del params, extra_args
-        stats, grads = _checked_inputs(layers, updates, state, stats)
+        # Under optax.multi_transform / optax.masked: the blocks it receives.
+        active = partial.restricted(layers, updates)
+        stats = partial.restricted_stats(layers, active, stats)
+        stats, grads = _checked_inputs(active, updates, state, stats)
         # One flag for the whole step, computed in the compiled step: a NaN or
         # an infinity anywhere in the gradients or statistics skips the
         # refresh (no eigh of a NaN factor) and leaves the state as it was.
         finite = _all_finite(updates, stats.layers)
         schedule = refresh.schedule(state, finite, options)
         blocks, second_moments = refresh.maybe_refreshed(
-            layers, state, stats, grads, schedule, options
+            active, state, stats, grads, schedule, options
         )
-        directions = _preconditioned_blocks(layers.blocks, blocks, grads, options)
+        directions = _preconditioned_blocks(active.blocks, blocks, grads, options)
         directions |= _fallback_directions(second_moments, grads, options.damping)
         # A skipped step hands the gradients on as they came, for
         # `optax.apply_if_finite` (or the caller) to reject.

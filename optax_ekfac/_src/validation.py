@@ -19,6 +19,7 @@ from optax_ekfac._src.blocks import Block, Layers, LayerStats, leaves_by_path
 from optax_ekfac._src.capture import Statistics
 from optax_ekfac._src.options import Adaptation, Options, Scalings, WeightSharing
 from optax_ekfac._src.state import ScaleByEkfacState
+from optax_ekfac._src import train_state
 
 SCALE_BY_EKFAC = "scale_by_ekfac"
 EKFAC = "ekfac"
@@ -183,7 +184,8 @@ def check_stats(layers: Layers, stats: Any) -> None:
             SCALE_BY_EKFAC,
             "update needs the batch statistics: "
             "tx.update(grads, state, params, stats=stats) with stats from "
-            "Curvature.value_grad_and_stats.",
+            "Curvature.value_grad_and_stats. It got none; if you passed them, "
+            + train_state.missing_stats_cause(),
         )
     if not isinstance(stats, Statistics):
         raise error(
