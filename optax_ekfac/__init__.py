@@ -1,6 +1,7 @@
 """optax_ekfac: EKFAC preconditioning for Flax models as optax transformations."""
 
 from optax_ekfac import nnx
+from optax_ekfac._src.accumulation import accumulated
 from optax_ekfac._src.blocks import Block, Layers, LayerStats
 from optax_ekfac._src.capture import Curvature, Statistics
 from optax_ekfac._src.curvature import precondition, relative_damping_floor
@@ -38,6 +39,7 @@ __all__ = [
     "ScaleByEkfacState",
     "Statistics",
     "TrainState",
+    "accumulated",
     "ekfac",
     "ekfac_block",
     "fisher_block",

@@ -9,7 +9,6 @@ alone. `TrainState` passes `stats` on; `with_stats` binds them to a
 transformation for any other caller.
 """
 
-import sys
 from typing import Any
 
 import optax
@@ -85,36 +84,3 @@ class TrainState(train_state.TrainState):
         bound = self.replace(tx=with_stats(self.tx, stats))
         updated = train_state.TrainState.apply_gradients(bound, grads=grads, **kwargs)
         return updated.replace(tx=self.tx)
-
-
-def missing_stats_cause() -> str:
-    """Why an update got no statistics, read from the callers' frames: flax's
-    `TrainState.apply_gradients` given `stats=`, `optax.lookahead`, or
-    (neither found) the general advice."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        code = frame.f_code
-        if (
-            code.co_name == "apply_gradients"
-            and frame.f_globals.get("__name__") == train_state.__name__
-            and "stats" in frame.f_locals.get("kwargs", {})
-        ):
-            return (
-                "flax.training.train_state.TrainState.apply_gradients(grads=..., "
-                "stats=...) hands stats to .replace, not to tx.update: use "
-                "optax_ekfac.TrainState (a subclass whose apply_gradients passes "
-                "stats to the optimizer) in its place."
-            )
-        if frame.f_globals.get("__name__") == "optax._src.lookahead":
-            return (
-                "optax.lookahead does not forward extra arguments to its fast "
-                "optimizer: build it in the training step around "
-                "optax_ekfac.with_stats(fast_optimizer, stats)."
-            )
-        frame = frame.f_back
-    return (
-        "a wrapper that calls tx.update without extra arguments (flax's "
-        "TrainState.apply_gradients, optax.lookahead) drops them: use "
-        "optax_ekfac.TrainState, or bind them with optax_ekfac.with_stats(tx, "
-        "stats)."
-    )

@@ -402,6 +402,7 @@ def _checked_inputs(
 ) -> tuple[Statistics, dict]:
     """The statistics and the gradients by path, once they and the state fit
     the layers."""
+    validation.check_not_under_multi_steps()
     validation.check_stats(layers, stats)
     grads = validation.checked_leaves(layers, updates, "updates")
     validation.check_state(layers, state, grads)
