@@ -89,8 +89,10 @@ def test_multi_transform_runs_each_optimizer_on_its_parameters():
     adam = optax.adam(1e-2)
     tx = optax.multi_transform({"ekfac": ekfac, "adam": adam}, LABELS)
     step, ekfac_step, adam_step = stepped(tx), stepped(ekfac), stepped(adam)
-    state, ekfac_state, adam_state = tx.init(PARAMS), ekfac.init(PARAMS), adam.init(
-        PARAMS
+    state, ekfac_state, adam_state = (
+        tx.init(PARAMS),
+        ekfac.init(PARAMS),
+        adam.init(PARAMS),
     )
     params = PARAMS
     for _ in range(3):
@@ -174,7 +176,9 @@ def test_flax_train_state_with_stats_names_the_cause():
     tx = oek.ekfac(LAYERS, learning_rate=0.1)
     state = train_state.TrainState.create(apply_fn=MODEL.apply, params=PARAMS, tx=tx)
     _, grads, stats = statistics(PARAMS, *BATCH)
-    with pytest.raises(ValueError, match="hands stats to .replace.*optax_ekfac.TrainState"):
+    with pytest.raises(
+        ValueError, match="hands stats to .replace.*optax_ekfac.TrainState"
+    ):
         state.apply_gradients(grads=grads, stats=stats)
 
 

@@ -10,6 +10,8 @@ check of the statistics.
 """
 
 import sys
+from collections.abc import Iterator
+from types import FrameType
 
 from flax.training import train_state
 
@@ -18,8 +20,7 @@ def missing_stats_cause() -> str:
     """Why an update got no statistics, read from the callers' frames: flax's
     `TrainState.apply_gradients` given `stats=`, `optax.lookahead`, or
     (neither found) the general advice."""
-    frame = sys._getframe(1)
-    while frame is not None:
+    for frame in _callers():
         code = frame.f_code
         if (
             code.co_name == "apply_gradients"
@@ -38,7 +39,6 @@ def missing_stats_cause() -> str:
                 "optimizer: build it in the training step around "
                 "optax_ekfac.with_stats(fast_optimizer, stats)."
             )
-        frame = frame.f_back
     return (
         "a wrapper that calls tx.update without extra arguments (flax's "
         "TrainState.apply_gradients, optax.lookahead) drops them: use "
@@ -49,9 +49,15 @@ def missing_stats_cause() -> str:
 
 def under_multi_steps() -> bool:
     """Whether the update runs inside `optax.MultiSteps`."""
-    frame = sys._getframe(1)
+    return any(
+        frame.f_globals.get("__name__") == "optax.transforms._accumulation"
+        for frame in _callers()
+    )
+
+
+def _callers() -> Iterator[FrameType]:
+    """The frames of this call stack, innermost first."""
+    frame: FrameType | None = sys._getframe(1)
     while frame is not None:
-        if frame.f_globals.get("__name__") == "optax.transforms._accumulation":
-            return True
+        yield frame
         frame = frame.f_back
-    return False

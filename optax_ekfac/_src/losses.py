@@ -178,7 +178,9 @@ def _term_weights(name: str, losses: jax.Array, weights) -> jax.Array | None:
             f"{weights.shape}."
         )
     if not (jnp.issubdtype(weights.dtype, jnp.number) or weights.dtype == bool):
-        raise ValueError(f"{name}: weights must be numbers or bools, not {weights.dtype}.")
+        raise ValueError(
+            f"{name}: weights must be numbers or bools, not {weights.dtype}."
+        )
     weights = jax.lax.stop_gradient(weights.astype(losses.dtype))
     active = _ACTIVE_WEIGHTS.get()
     if active is not None:

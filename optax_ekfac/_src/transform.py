@@ -68,6 +68,21 @@ def scale_by_ekfac(
     shapes of `layers`; the number of examples may change from batch to batch
     (a last partial batch), but all calls of one block must share it.
 
+    Chain order: clipping (`optax.clip_by_global_norm`) goes before it, where
+    it clips the gradient and so scales the step by the same factor (after
+    it, a threshold chosen for gradients would cut the much longer
+    preconditioned direction to almost nothing); weight decay
+    (`optax.add_decayed_weights`) after it and before `optax.sgd`, decoupled
+    as in AdamW; the learning rate and its schedule in `optax.sgd`;
+    `optax.apply_if_finite` around the whole chain. Not `optax.adam` or
+    `adamw` after it: their per-coordinate scaling undoes the
+    preconditioner's. Under `optax.multi_transform` or `optax.masked` it
+    preconditions the blocks whose parameters it receives and ignores the
+    other blocks' statistics; under `optax.MultiSteps` it is refused (use
+    `accumulated`); wrappers that drop `stats=` (`optax.lookahead`) take
+    `with_stats(tx, stats)`. See the README's "Fitting existing training
+    code".
+
     Args:
         layers: the blocks, from `Curvature.layers`.
         damping: `λ > 0`, added to the scalings (and to the diagonal
@@ -243,6 +258,14 @@ def ekfac(
     With a `learning_rate`, it is `optax.chain(scale_by_ekfac(...),
     optax.sgd(learning_rate, momentum, nesterov))` at a fixed `damping`
     (default 1e-3): nothing adapted, no extra passes.
+
+    Adapted, it takes the updates it gets as the loss's gradient: put
+    nothing that changes them before it (its quadratic model and trust-region
+    test bound the step, so no clipping), decoupled weight decay after it
+    (`optax.add_decayed_weights(-rate)`). Under `optax.multi_transform` or
+    `optax.masked` it fits its step to the loss along its own parameters,
+    the others held where they are; `accumulated` gives it the whole batch's
+    loss model.
 
     A step whose gradients or statistics (or, adapted, the quadratic model)
     hold a NaN or an infinity is skipped as a whole: the updates are zeros
