@@ -19,38 +19,23 @@ token model `Embed -> Dense -> tanh -> Dense` with a padding mask:
 """
 
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
+from token_model import (
+    IDS,
+    LENGTHS,
+    MASK,
+    MODEL,
+    PARAMS,
+    TARGETS,
+    VOCAB,
+    masked_loss_fn,
+)
 
 import optax_ekfac as oek
-
-VOCAB, FEATURES, HIDDEN = 7, 4, 5
-F64 = dict(param_dtype=jnp.float64)
-
-
-class TokenModel(nn.Module):
-    @nn.compact
-    def __call__(self, ids):
-        h = nn.Embed(VOCAB, FEATURES, **F64)(ids)
-        h = jnp.tanh(nn.Dense(HIDDEN, **F64)(h))
-        return nn.Dense(VOCAB, **F64)(h)
-
-
-MODEL = TokenModel()
-LENGTHS = np.array([6, 3, 5, 1])
-IDS = jnp.asarray(np.random.default_rng(0).integers(0, VOCAB, (4, 6)))
-TARGETS = jnp.asarray(np.random.default_rng(1).integers(0, VOCAB, (4, 6)))
-MASK = jnp.asarray(np.arange(6)[None] < LENGTHS[:, None])
-PARAMS = MODEL.init(jax.random.key(0), IDS)["params"]
-
-
-def masked_loss_fn(params, ids, targets, mask):
-    logits = MODEL.apply({"params": params}, ids)
-    return oek.softmax_cross_entropy(logits, targets, weights=mask)
 
 
 def term_losses(params, ids, targets):

@@ -25,42 +25,20 @@ Pinned here, on a token model `Embed -> Dense -> tanh -> Dense` in float64:
 import functools
 
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from flax.training import train_state
+from token_model import IDS, MASK, MODEL, PARAMS, TARGETS, masked_loss_fn
 
 import optax_ekfac as oek
 
-VOCAB, FEATURES, HIDDEN = 7, 4, 5
-F64 = dict(param_dtype=jnp.float64)
-
-
-class TokenModel(nn.Module):
-    @nn.compact
-    def __call__(self, ids):
-        h = nn.Embed(VOCAB, FEATURES, **F64)(ids)
-        h = jnp.tanh(nn.Dense(HIDDEN, **F64)(h))
-        return nn.Dense(VOCAB, **F64)(h)
-
-
-MODEL = TokenModel()
-IDS = jnp.asarray(np.random.default_rng(0).integers(0, VOCAB, (4, 6)))
-TARGETS = jnp.asarray(np.random.default_rng(1).integers(0, VOCAB, (4, 6)))
-MASK = jnp.asarray(np.arange(6)[None] < np.array([6, 3, 5, 1])[:, None])
-PARAMS = MODEL.init(jax.random.key(0), IDS)["params"]
 BATCH = (IDS, TARGETS, MASK)
 
 
-def loss_fn(params, ids, targets, mask):
-    logits = MODEL.apply({"params": params}, ids)
-    return oek.softmax_cross_entropy(logits, targets, weights=mask)
-
-
-CURVATURE = oek.Curvature(loss_fn)
+CURVATURE = oek.Curvature(masked_loss_fn)
 LAYERS = CURVATURE.layers(PARAMS, *BATCH)
 LABELS = {name: "adam" if name == "Embed_0" else "ekfac" for name in PARAMS}
 statistics = jax.jit(CURVATURE.value_grad_and_stats)
@@ -206,7 +184,7 @@ def test_micro_batches_give_the_whole_batch():
 
 
 def test_monte_carlo_micro_batches_are_sample_major():
-    curvature = oek.Curvature(loss_fn, fisher_type="mc", num_samples=2)
+    curvature = oek.Curvature(masked_loss_fn, fisher_type="mc", num_samples=2)
     key = jax.random.key(7)
     _, _, stats = jax.jit(oek.accumulated(curvature, 2))(PARAMS, *BATCH, key=key)
     micro_statistics = jax.jit(curvature.value_grad_and_stats)

@@ -111,7 +111,7 @@ class _Interceptor:
         # nn.scan, jax.checkpoint inside loss_fn) can't hand its input out.
         self.loss_trace = None
         # The sum of the loss terms' weights, None for unweighted losses.
-        self.num_terms: jax.Array | None = None
+        self.weights_sum: jax.Array | None = None
 
     def __call__(self, next_fun, args, kwargs, context):
         kind = kinds.kind_of(context.module, context.method_name)
@@ -181,7 +181,8 @@ class Curvature:
     Args:
         loss_fn: `loss_fn(params, *batch)` returning unreduced losses of shape
             `[N]` (or `[B, T]`, ...: every entry is one loss term), e.g. from
-            `optax_ekfac.softmax_cross_entropy`. It must apply a `flax.linen`
+            `optax_ekfac.softmax_cross_entropy` (with `weights=mask`, the
+            loss is `Σ w l / Σ w` over `Σ w` terms). It must apply a `flax.linen`
             model with `params` as its `"params"` collection.
         has_aux: `loss_fn` returns `(losses, aux)`; `aux` is passed through.
         fisher_type: which Fisher the statistics estimate. `"empirical"`: the
@@ -194,9 +195,10 @@ class Curvature:
             batch). Recommended with the adaptive `ekfac`: for a squared
             error the empirical Fisher shrinks with the residuals, and the
             sampled one does not. Every helper call inside
-            `loss_fn` is a term of the sampled loss (weights or masks applied
-            to the returned losses are not). The loss and gradients returned
-            are the data's in both cases.
+            `loss_fn` is a term of the sampled loss (a mask or weights reach
+            it through the helpers' `weights`, not when applied to the
+            returned losses). The loss and gradients returned are the data's
+            in both cases.
         num_samples: `S`, label samples per loss term for `"mc"`; the
             statistics hold them as `S * N` examples.
 
@@ -254,7 +256,7 @@ class Curvature:
     def _losses(self, params, batch, interceptor):
         """The losses, scaled so that their mean is the loss (`Σ w l / Σ w`
         when the helpers got weights), and `aux`; sets the interceptor's
-        `num_terms`."""
+        `weights_sum`."""
         interceptor.loss_trace = tracers.current_trace()
         with recorded_weights() as weights:
             result = self._call_loss_fn(params, batch, interceptor)
@@ -270,7 +272,7 @@ class Curvature:
             )
         if not jnp.issubdtype(losses.dtype, jnp.floating):
             raise ValueError(f"loss_fn returned losses of dtype {losses.dtype}.")
-        losses, interceptor.num_terms = _weighted_mean_terms(losses, weights)
+        losses, interceptor.weights_sum = _weighted_mean_terms(losses, weights)
         return losses, aux
 
     def _uncaptured_losses(self, params, batch) -> jax.Array:
@@ -399,7 +401,7 @@ class Curvature:
             def mean_loss(params, perturbations):
                 interceptor = _Interceptor(perturbations)
                 losses, aux = self._losses(params, batch, interceptor)
-                recorded = (tuple(interceptor.inputs), aux, interceptor.num_terms)
+                recorded = (tuple(interceptor.inputs), aux, interceptor.weights_sum)
                 return jnp.mean(losses), recorded
 
             (loss, (inputs, aux, weights_sum)), (grads, cotangents) = (
@@ -456,7 +458,7 @@ class Curvature:
             sampled_sums = sum(
                 losses.reshape(num_samples, -1).sum(1) for losses in sampled.losses
             )
-            recorded = (tuple(interceptor.inputs), aux, interceptor.num_terms)
+            recorded = (tuple(interceptor.inputs), aux, interceptor.weights_sum)
             return (losses, sampled_sums), recorded
 
         (losses, sampled_sums), backward, (inputs, aux, weights_sum) = jax.vjp(
