@@ -84,7 +84,7 @@ batches = [(x_train[i : i + 128], y_train[i : i + 128]) for i in (0, 128)]
 
 def test_the_multi_device_block_runs_on_two_devices(tmp_path):
     """The linen loop's set-up, then the sharding lines and the sharded loop."""
-    linen, _, sharded = _python_blocks()
+    linen, _, sharded, _ = _python_blocks()
     script = tmp_path / "readme_sharded.py"
     script.write_text(
         _DATA_SOURCE

@@ -59,7 +59,8 @@ def accumulated(
     if not isinstance(curvature, Curvature):
         raise TypeError(
             "accumulated: curvature must be an optax_ekfac.Curvature (flax.linen), "
-            f"not {type(curvature).__name__}."
+            f"not {type(curvature).__name__}; micro-batches of an "
+            "optax_ekfac.nnx.Curvature are not supported yet."
         )
     if not (isinstance(num_micro_batches, int) and num_micro_batches >= 1):
         raise ValueError(
