@@ -70,13 +70,13 @@ def scale_by_ekfac(
 
     Chain order: clipping (`optax.clip_by_global_norm`) goes before it, where
     it clips the gradient and so scales the step by the same factor (after
-    it, a threshold chosen for gradients would cut the much longer
-    preconditioned direction to almost nothing); weight decay
+    it, a threshold chosen for gradients cuts the preconditioned direction,
+    often hundreds of times longer, and training nearly stops); weight decay
     (`optax.add_decayed_weights`) after it and before `optax.sgd`, decoupled
     as in AdamW; the learning rate and its schedule in `optax.sgd`;
-    `optax.apply_if_finite` around the whole chain. Not `optax.adam` or
-    `adamw` after it: their per-coordinate scaling undoes the
-    preconditioner's. Under `optax.multi_transform` or `optax.masked` it
+    `optax.apply_if_finite` around the whole chain. `optax.adam` or `adamw`
+    after it is Adam on the preconditioned directions, whose per-coordinate
+    normalization, not the curvature, sets the step sizes. Under `optax.multi_transform` or `optax.masked` it
     preconditions the blocks whose parameters it receives and ignores the
     other blocks' statistics; under `optax.MultiSteps` it is refused (use
     `accumulated`); wrappers that drop `stats=` (`optax.lookahead`) take
