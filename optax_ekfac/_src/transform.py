@@ -76,12 +76,12 @@ def scale_by_ekfac(
     as in AdamW; the learning rate and its schedule in `optax.sgd`;
     `optax.apply_if_finite` around the whole chain. `optax.adam` or `adamw`
     after it is Adam on the preconditioned directions, whose per-coordinate
-    normalization, not the curvature, sets the step sizes. Under `optax.multi_transform` or `optax.masked` it
-    preconditions the blocks whose parameters it receives and ignores the
-    other blocks' statistics; under `optax.MultiSteps` it is refused (use
-    `accumulated`); wrappers that drop `stats=` (`optax.lookahead`) take
-    `with_stats(tx, stats)`. See the README's "Fitting existing training
-    code".
+    normalization, not the curvature, sets the step sizes. Under
+    `optax.multi_transform` or `optax.masked` it preconditions the blocks
+    whose parameters it receives and ignores the other blocks' statistics;
+    under `optax.MultiSteps` it is refused (use `accumulated`); wrappers
+    that drop `stats=` (`optax.lookahead`) take `with_stats(tx, stats)`. See
+    the README's "Fitting existing training code".
 
     Args:
         layers: the blocks, from `Curvature.layers`.
