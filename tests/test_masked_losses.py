@@ -15,6 +15,7 @@ token model `Embed -> Dense -> tanh -> Dense` with a padding mask:
   sampled output gradient by `√w` (its Fisher by `w`);
 * the adaptive `ekfac`'s Gauss-Newton products are the dense ones of the
   weighted loss;
+* float32 training with a mask, micro-batches and EKFAC on part of the model;
 * weights of another shape than the returned losses are refused.
 """
 
@@ -22,6 +23,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 from token_model import (
@@ -219,23 +221,31 @@ def test_gauss_newton_products_of_a_weighted_loss(captured):
     )
 
 
-def test_float32_masked_training_lowers_the_masked_loss():
+def test_float32_masked_training_in_micro_batches_with_partial_ekfac():
+    """The float32 path users run, everything at once: a padding mask, two
+    micro-batches, EKFAC on the Dense layers and Adam on the embedding,
+    `optax_ekfac.TrainState`: the masked loss falls."""
     params = jax.tree.map(lambda leaf: leaf.astype(jnp.float32), PARAMS)
     curvature = oek.Curvature(masked_loss_fn)
     layers = curvature.layers(params, IDS, TARGETS, MASK)
-    tx = oek.ekfac(layers, learning_rate=0.3)
+    labels = {name: "adam" if name == "Embed_0" else "ekfac" for name in params}
+    tx = optax.multi_transform(
+        {"ekfac": oek.ekfac(layers, learning_rate=0.3), "adam": optax.adam(1e-2)},
+        labels,
+    )
+    state = oek.TrainState.create(apply_fn=MODEL.apply, params=params, tx=tx)
+    value_grad_and_stats = oek.accumulated(curvature, num_micro_batches=2)
 
     @jax.jit
-    def train_step(params, opt_state):
-        loss, grads, stats = curvature.value_grad_and_stats(params, IDS, TARGETS, MASK)
-        updates, opt_state = tx.update(grads, opt_state, params, stats=stats)
-        return jax.tree.map(jnp.add, params, updates), opt_state, loss
+    def train_step(state):
+        loss, grads, stats = value_grad_and_stats(state.params, IDS, TARGETS, MASK)
+        return state.apply_gradients(grads=grads, stats=stats), loss
 
-    opt_state = tx.init(params)
     losses = []
     for _ in range(5):
-        params, opt_state, loss = train_step(params, opt_state)
+        state, loss = train_step(state)
         losses.append(float(loss))
+    assert loss.dtype == jnp.float32
     assert losses[-1] < 0.9 * losses[0]
 
 
