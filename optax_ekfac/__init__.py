@@ -1,6 +1,7 @@
 """optax_ekfac: EKFAC preconditioning for Flax models as optax transformations."""
 
 from optax_ekfac import nnx
+from optax_ekfac._src.accumulation import accumulated
 from optax_ekfac._src.blocks import Block, Layers, LayerStats
 from optax_ekfac._src.capture import Curvature, Statistics
 from optax_ekfac._src.curvature import precondition, relative_damping_floor
@@ -21,6 +22,7 @@ from optax_ekfac._src.losses import (
 )
 from optax_ekfac._src.state import BlockState, ScaleByEkfacState
 from optax_ekfac._src.step_control import EkfacState
+from optax_ekfac._src.train_state import TrainState, with_stats
 from optax_ekfac._src.transform import ekfac, scale_by_ekfac
 
 __version__ = "0.1.0"
@@ -36,6 +38,8 @@ __all__ = [
     "LossModel",
     "ScaleByEkfacState",
     "Statistics",
+    "TrainState",
+    "accumulated",
     "ekfac",
     "ekfac_block",
     "fisher_block",
@@ -50,4 +54,5 @@ __all__ = [
     "sigmoid_binary_cross_entropy",
     "softmax_cross_entropy",
     "squared_error",
+    "with_stats",
 ]

@@ -37,9 +37,10 @@ def _data_namespace() -> dict:
 
 def test_the_readme_has_the_blocks_this_test_runs():
     blocks = _python_blocks()
-    assert len(blocks) == 3
+    assert len(blocks) == 4
     assert "nnx.Optimizer" in blocks[1]
     assert "jax.make_mesh" in blocks[2]
+    assert "oek.TrainState" in blocks[3]
 
 
 @pytest.mark.parametrize("index", [0, 1], ids=["linen", "nnx"])
@@ -52,6 +53,21 @@ def test_a_training_loop_block_runs_and_trains(index):
     assert np.isfinite(loss)
     # Eight steps from a fresh model: the loss of 10 classes starts near log(10).
     assert loss < 2.5
+
+
+def test_the_plumbing_block_runs_after_the_training_loop():
+    """Two steps of each loop; the transformations it builds fit the params
+    (their updates are tested in tests/test_plumbing.py)."""
+    namespace = _data_namespace()
+    namespace["batches"] = namespace["batches"][:2]
+    blocks = _python_blocks()
+    with jax.enable_x64(False):
+        for index in (0, 3):
+            exec(compile(blocks[index], f"README block {index}", "exec"), namespace)
+        assert np.isfinite(float(namespace["loss"]))
+        assert int(namespace["state"].step) == 2
+        for name in ("partial_tx", "tx"):
+            namespace[name].init(namespace["params"])
 
 
 _DATA_SOURCE = """
@@ -68,7 +84,7 @@ batches = [(x_train[i : i + 128], y_train[i : i + 128]) for i in (0, 128)]
 
 def test_the_multi_device_block_runs_on_two_devices(tmp_path):
     """The linen loop's set-up, then the sharding lines and the sharded loop."""
-    linen, _, sharded = _python_blocks()
+    linen, _, sharded, _ = _python_blocks()
     script = tmp_path / "readme_sharded.py"
     script.write_text(
         _DATA_SOURCE

@@ -40,7 +40,7 @@ from optax_ekfac._src.blocks import (
 )
 from optax_ekfac._src.kinds import SUPPORTED
 from optax_ekfac._src.loss_model import LossModel
-from optax_ekfac._src.losses import sampling
+from optax_ekfac._src.losses import recorded_weights, sampling
 
 FisherType = Literal["empirical", "mc"]
 FISHER_TYPES = get_args(FisherType)
@@ -58,7 +58,9 @@ class Statistics(NamedTuple):
     Attributes:
         layers: block name -> one `LayerStats` per call of that block, in call
             order (a module called twice has two entries).
-        num_terms: `N`, the number of loss terms the batch loss averages.
+        num_terms: `N`, the number of loss terms the batch loss averages;
+            with weighted losses (the helpers' `weights`), their sum (a
+            mask's real terms), an array.
         num_samples: `S`, the label samples per loss term whose output
             gradients the rows hold (`fisher_type="mc"`); 1 for the empirical
             Fisher.
@@ -69,12 +71,12 @@ class Statistics(NamedTuple):
     """
 
     layers: dict[str, tuple[LayerStats, ...]]
-    num_terms: int
+    num_terms: int | jax.Array
     num_samples: int = 1
     loss_model: LossModel | None = None
 
     @property
-    def num_sampled_terms(self) -> int:
+    def num_sampled_terms(self) -> int | jax.Array:
         """`S * N`: what the sums over the rows' output gradients divide by."""
         return self.num_terms * self.num_samples
 
@@ -108,6 +110,8 @@ class _Interceptor:
         # The JAX trace loss_fn runs in; a call under another one (nn.remat,
         # nn.scan, jax.checkpoint inside loss_fn) can't hand its input out.
         self.loss_trace = None
+        # The sum of the loss terms' weights, None for unweighted losses.
+        self.weights_sum: jax.Array | None = None
 
     def __call__(self, next_fun, args, kwargs, context):
         kind = kinds.kind_of(context.module, context.method_name)
@@ -177,7 +181,8 @@ class Curvature:
     Args:
         loss_fn: `loss_fn(params, *batch)` returning unreduced losses of shape
             `[N]` (or `[B, T]`, ...: every entry is one loss term), e.g. from
-            `optax_ekfac.softmax_cross_entropy`. It must apply a `flax.linen`
+            `optax_ekfac.softmax_cross_entropy` (with `weights=mask`, the
+            loss is `Σ w l / Σ w` over `Σ w` terms). It must apply a `flax.linen`
             model with `params` as its `"params"` collection.
         has_aux: `loss_fn` returns `(losses, aux)`; `aux` is passed through.
         fisher_type: which Fisher the statistics estimate. `"empirical"`: the
@@ -190,9 +195,10 @@ class Curvature:
             batch). Recommended with the adaptive `ekfac`: for a squared
             error the empirical Fisher shrinks with the residuals, and the
             sampled one does not. Every helper call inside
-            `loss_fn` is a term of the sampled loss (weights or masks applied
-            to the returned losses are not). The loss and gradients returned
-            are the data's in both cases.
+            `loss_fn` is a term of the sampled loss (a mask or weights reach
+            it through the helpers' `weights`, not when applied to the
+            returned losses). The loss and gradients returned are the data's
+            in both cases.
         num_samples: `S`, label samples per loss term for `"mc"`; the
             statistics hold them as `S * N` examples.
 
@@ -248,8 +254,12 @@ class Curvature:
             return self.loss_fn(params, *batch)
 
     def _losses(self, params, batch, interceptor):
+        """The losses, scaled so that their mean is the loss (`Σ w l / Σ w`
+        when the helpers got weights), and `aux`; sets the interceptor's
+        `weights_sum`."""
         interceptor.loss_trace = tracers.current_trace()
-        result = self._call_loss_fn(params, batch, interceptor)
+        with recorded_weights() as weights:
+            result = self._call_loss_fn(params, batch, interceptor)
         losses, aux = _split_aux(result, self.has_aux)
         losses = jnp.asarray(losses)
         if losses.ndim == 0:
@@ -262,6 +272,7 @@ class Curvature:
             )
         if not jnp.issubdtype(losses.dtype, jnp.floating):
             raise ValueError(f"loss_fn returned losses of dtype {losses.dtype}.")
+        losses, interceptor.weights_sum = _weighted_mean_terms(losses, weights)
         return losses, aux
 
     def _uncaptured_losses(self, params, batch) -> jax.Array:
@@ -370,7 +381,6 @@ class Curvature:
         if self.fisher_type == "mc" and key is None:
             key = _key_of_batch(batch)
         calls, losses = self._trace_calls(params, batch)
-        num_terms = losses.size
         perturbations = tuple(
             # In the output's sharding: under an explicit mesh the cotangent
             # takes the perturbation's type, and a replicated one would gather
@@ -383,20 +393,25 @@ class Curvature:
             for call in calls
         )
         if self.fisher_type == "mc":
-            loss, aux, grads, inputs, all_output_grads = self._sampled_pass(
-                params, batch, perturbations, key
+            loss, aux, grads, inputs, all_output_grads, weights_sum = (
+                self._sampled_pass(params, batch, perturbations, key)
             )
         else:
 
             def mean_loss(params, perturbations):
                 interceptor = _Interceptor(perturbations)
                 losses, aux = self._losses(params, batch, interceptor)
-                return jnp.mean(losses), (tuple(interceptor.inputs), aux)
+                recorded = (tuple(interceptor.inputs), aux, interceptor.weights_sum)
+                return jnp.mean(losses), recorded
 
-            (loss, (inputs, aux)), (grads, cotangents) = jax.value_and_grad(
-                mean_loss, argnums=(0, 1), has_aux=True
-            )(params, perturbations)
-            # d(mean l)/dy_n is (1/N) dl_n/dy_n.
+            (loss, (inputs, aux, weights_sum)), (grads, cotangents) = (
+                jax.value_and_grad(mean_loss, argnums=(0, 1), has_aux=True)(
+                    params, perturbations
+                )
+            )
+        num_terms = losses.size if weights_sum is None else weights_sum
+        if self.fisher_type != "mc":
+            # d(mean l)/dy_n is (1/N) dl_n/dy_n (weighted: (w_n/N) dl_n/dy_n).
             all_output_grads = tuple(
                 cotangent * jnp.asarray(num_terms, cotangent.dtype)
                 for cotangent in cotangents
@@ -420,8 +435,9 @@ class Curvature:
         per-example output gradients of `S` sampled labels.
 
         Returns:
-            `(loss, aux, grads, inputs, output_grads)`, `inputs` tiled and
-            `output_grads` stacked to `S * N` examples per call.
+            `(loss, aux, grads, inputs, output_grads, weights_sum)`, `inputs`
+            tiled and `output_grads` stacked to `S * N` examples per call;
+            `weights_sum` the sum of the loss terms' weights, or None.
         """
         num_samples = self.num_samples
 
@@ -442,9 +458,10 @@ class Curvature:
             sampled_sums = sum(
                 losses.reshape(num_samples, -1).sum(1) for losses in sampled.losses
             )
-            return (losses, sampled_sums), (tuple(interceptor.inputs), aux)
+            recorded = (tuple(interceptor.inputs), aux, interceptor.weights_sum)
+            return (losses, sampled_sums), recorded
 
-        (losses, sampled_sums), backward, (inputs, aux) = jax.vjp(
+        (losses, sampled_sums), backward, (inputs, aux, weights_sum) = jax.vjp(
             losses_and_sampled, params, perturbations, has_aux=True
         )
         # full_like: a cotangent has the losses' type, sharding included.
@@ -464,7 +481,32 @@ class Curvature:
             _samples_as_examples(jnp.broadcast_to(x, (num_samples,) + x.shape))
             for x in inputs
         )
-        return jnp.mean(losses), aux, grads, inputs, output_grads
+        return jnp.mean(losses), aux, grads, inputs, output_grads, weights_sum
+
+
+def _weighted_mean_terms(
+    losses: jax.Array, weights: list[jax.Array]
+) -> tuple[jax.Array, jax.Array | None]:
+    """The losses scaled so that their mean is the loss, and the sum of the
+    loss terms' weights.
+
+    Unweighted: the losses and None. When the loss helpers got
+    `weights` (the first helper's count), the returned losses are `w l`: the
+    loss is `Σ w l / Σ w` and the terms number `Σ w` (a mask's real terms).
+    """
+    if not weights:
+        return losses, None
+    term_weights = weights[0]
+    if term_weights.shape != losses.shape:
+        raise ValueError(
+            f"loss_fn returned losses of shape {losses.shape}, and a loss helper "
+            f"got weights of shape {term_weights.shape}: with weights, return "
+            "the helper's weighted losses in their shape (one entry per loss "
+            "term), not reduced or reshaped, so that the capture knows the "
+            "weight of each term."
+        )
+    total = term_weights.sum()
+    return losses * (losses.size / total), total
 
 
 def _key_of_batch(batch: tuple) -> jax.Array:

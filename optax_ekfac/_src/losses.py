@@ -18,6 +18,14 @@ not the sampling, is differentiated) and records the negative log-likelihood
 of those labels. The helper still returns the loss of the true labels: the
 sampled losses reach the capture through the context only.
 
+Every helper takes optional per-term `weights` (a 0/1 padding mask, or
+non-negative weights, of the losses' shape) and returns the weighted losses
+`w l`; the capture runs `loss_fn` inside `recorded_weights()` and, when a
+helper got weights, averages the returned losses as `Σ w l / Σ w`, with
+`Σ w` loss terms (`Statistics.num_terms`: the real terms of a mask). A
+sampled loss of the Monte-Carlo Fisher is recorded as `√w l̃`, so that its
+Fisher is `(1/Σ w) Σ w F_n`, that of the weighted loss.
+
 For the quadratic model of the adaptive `ekfac` (`LossModel`), the capture
 runs `loss_fn` inside `marked_predictions(perturbations)`: every helper call
 records its predictions (the model outputs the Gauss-Newton curvature is
@@ -127,6 +135,81 @@ def marked_predictions(
         _ACTIVE_PREDICTIONS.reset(token)
 
 
+_ACTIVE_WEIGHTS: contextvars.ContextVar[list[jax.Array] | None] = (
+    contextvars.ContextVar("optax_ekfac_weights", default=None)
+)
+
+
+@contextlib.contextmanager
+def recorded_weights() -> Iterator[list[jax.Array]]:
+    """Makes the loss helpers record the `weights` they are given.
+
+    Yields:
+        The list the helpers called with `weights` append them to, in call
+        order (as arrays of their losses' dtype).
+
+    Example:
+        >>> from optax_ekfac._src.losses import recorded_weights
+        >>> logits, labels = jnp.zeros((2, 3)), jnp.array([0, 2])
+        >>> with recorded_weights() as weights:
+        ...     losses = optax_ekfac.softmax_cross_entropy(
+        ...         logits, labels, weights=jnp.array([True, False]))
+        >>> weights[0].tolist(), losses.tolist()[1]
+        ([1.0, 0.0], 0.0)
+    """
+    active: list[jax.Array] = []
+    token = _ACTIVE_WEIGHTS.set(active)
+    try:
+        yield active
+    finally:
+        _ACTIVE_WEIGHTS.reset(token)
+
+
+def _term_weights(name: str, losses: jax.Array, weights) -> jax.Array | None:
+    """`weights` checked against the losses' shape, in their dtype, recorded
+    for the capture; None for none."""
+    if weights is None:
+        return None
+    weights = jnp.asarray(weights)
+    if weights.shape != losses.shape:
+        raise ValueError(
+            f"{name}: weights must have the losses' shape {losses.shape} (one "
+            f"per loss term: the predictions' shape without the last axis); got "
+            f"{weights.shape}."
+        )
+    if not (jnp.issubdtype(weights.dtype, jnp.number) or weights.dtype == bool):
+        raise ValueError(
+            f"{name}: weights must be numbers or bools, not {weights.dtype}."
+        )
+    weights = jax.lax.stop_gradient(weights.astype(losses.dtype))
+    active = _ACTIVE_WEIGHTS.get()
+    if active is not None:
+        active.append(weights)
+    return weights
+
+
+def _weighted(
+    name: str,
+    predictions: jax.Array,
+    losses: Callable[[jax.Array], jax.Array],
+    sample: Callable[[jax.Array, jax.Array, int], jax.Array],
+    negative_log_likelihood: Callable[[jax.Array, jax.Array], jax.Array],
+    weights,
+) -> jax.Array:
+    """The helpers' common tail: marks the predictions, records sampled
+    losses (scaled by `√w`) and returns `w * losses(marked predictions)`."""
+    predictions = _marked(predictions)
+    result = losses(predictions)
+    term_weights = _term_weights(name, result, weights)
+    _record_sampled_losses(
+        predictions,
+        sample,
+        negative_log_likelihood,
+        None if term_weights is None else jnp.sqrt(term_weights),
+    )
+    return result if term_weights is None else term_weights * result
+
+
 def _marked(predictions: jax.Array) -> jax.Array:
     """Inside `marked_predictions`: records `predictions`, returns them
     perturbed; outside, returns them as they are."""
@@ -144,6 +227,7 @@ def _record_sampled_losses(
     predictions: jax.Array,
     sample: Callable[[jax.Array, jax.Array, int], jax.Array],
     negative_log_likelihood: Callable[[jax.Array, jax.Array], jax.Array],
+    scale: jax.Array | None = None,
 ) -> None:
     """Inside `sampling`: records the losses of labels sampled from predictions.
 
@@ -152,18 +236,20 @@ def _record_sampled_losses(
         sample: `sample(key, distribution, num_samples)` -> `[S, ...]` labels,
             with `distribution` the predictions with gradients stopped.
         negative_log_likelihood: the helper's loss of one label array.
+        scale: per-term factors of the sampled losses (`√w`), or None.
     """
     active = _ACTIVE_SAMPLING.get()
     if active is None:
         return
     key = jax.random.fold_in(active.key, len(active.losses))
     labels = sample(key, jax.lax.stop_gradient(predictions), active.num_samples)
-    active.losses.append(
-        jax.vmap(negative_log_likelihood, in_axes=(None, 0))(predictions, labels)
-    )
+    sampled = jax.vmap(negative_log_likelihood, in_axes=(None, 0))(predictions, labels)
+    active.losses.append(sampled if scale is None else scale * sampled)
 
 
-def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+def softmax_cross_entropy(
+    logits: jax.Array, labels: jax.Array, weights: jax.Array | None = None
+) -> jax.Array:
     """Categorical negative log-likelihood, one term per example.
 
     Args:
@@ -172,8 +258,11 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
             `[..., 1]`, is accepted too; bool counts as 0 and 1), or `[..., C]`
             one-hot (or any probability vectors).
 
+        weights: optional `[...]` weight of each loss term (a bool padding
+            mask, or non-negative numbers): see `Weights` below.
+
     Returns:
-        `[...]` per-example losses.
+        `[...]` per-example losses (times `weights`).
 
     Raises:
         ValueError: `labels` fit neither layout, e.g. floats of shape
@@ -182,25 +271,39 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     Under a Monte-Carlo Fisher capture it also records the losses of classes
     sampled from `softmax(logits)`.
 
+    Weights: with `weights`, `Curvature` averages the returned losses as
+    `Σ w l / Σ w` and counts `Σ w` loss terms (with a mask, the real ones),
+    so padded terms add nothing to the loss, the gradients or either
+    Fisher: the empirical Fisher's output gradients are those of `w l`, and
+    the Monte-Carlo Fisher weighs each term's Fisher by `w` (for a mask
+    both count the real terms alone). `loss_fn` must then return the
+    weighted losses in their shape (added term by term to other helpers'
+    losses only if those have the same weights).
+
     Example:
         >>> logits = jnp.array([[2.0, 0.0], [0.0, 1.0]])
         >>> optax_ekfac.softmax_cross_entropy(logits, jnp.array([0, 1])).shape
         (2,)
+        >>> mask = jnp.array([True, False])
+        >>> optax_ekfac.softmax_cross_entropy(
+        ...     logits, jnp.array([0, 1]), weights=mask)[1].tolist()
+        0.0
     """
     labels = _class_labels(logits, jnp.asarray(labels))
-    logits = _marked(logits)
     if labels.ndim == logits.ndim:
-        losses = optax.softmax_cross_entropy(logits, labels)
+        loss = optax.softmax_cross_entropy
     else:
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    _record_sampled_losses(
+        loss = optax.softmax_cross_entropy_with_integer_labels
+    return _weighted(
+        "softmax_cross_entropy",
         logits,
+        lambda logits: loss(logits, labels),
         lambda key, logits, num_samples: jax.random.categorical(
             key, logits, shape=(num_samples,) + logits.shape[:-1]
         ),
         optax.softmax_cross_entropy_with_integer_labels,
+        weights,
     )
-    return losses
 
 
 def _class_labels(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -235,7 +338,9 @@ def _class_labels(logits: jax.Array, labels: jax.Array) -> jax.Array:
     )
 
 
-def squared_error(predictions: jax.Array, targets: jax.Array) -> jax.Array:
+def squared_error(
+    predictions: jax.Array, targets: jax.Array, weights: jax.Array | None = None
+) -> jax.Array:
     """Half the squared error summed over the last axis, one term per example.
 
     This is the negative log-likelihood of a unit-variance Gaussian up to a
@@ -244,9 +349,11 @@ def squared_error(predictions: jax.Array, targets: jax.Array) -> jax.Array:
     Args:
         predictions: `[..., D]` model outputs.
         targets: `[..., D]` regression targets.
+        weights: optional `[...]` weight of each loss term, as for
+            `softmax_cross_entropy`.
 
     Returns:
-        `[...]` per-example losses.
+        `[...]` per-example losses (times `weights`).
 
     Under a Monte-Carlo Fisher capture it also records the losses of targets
     sampled from `N(predictions, I)`.
@@ -257,20 +364,29 @@ def squared_error(predictions: jax.Array, targets: jax.Array) -> jax.Array:
         [1.5, 1.5, 1.5, 1.5]
     """
     _check_same_shape("squared_error", predictions, targets)
-    predictions = _marked(predictions)
-    _record_sampled_losses(predictions, _sample_gaussian, _gaussian_nll)
-    return _gaussian_nll(predictions, targets)
+    return _weighted(
+        "squared_error",
+        predictions,
+        lambda predictions: _gaussian_nll(predictions, targets),
+        _sample_gaussian,
+        _gaussian_nll,
+        weights,
+    )
 
 
-def sigmoid_binary_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+def sigmoid_binary_cross_entropy(
+    logits: jax.Array, labels: jax.Array, weights: jax.Array | None = None
+) -> jax.Array:
     """Independent Bernoulli negative log-likelihood summed over the last axis.
 
     Args:
         logits: `[..., D]` log-odds (`D = 1` for one binary label).
         labels: `[..., D]` labels in `[0, 1]`.
+        weights: optional `[...]` weight of each loss term, as for
+            `softmax_cross_entropy`.
 
     Returns:
-        `[...]` per-example losses.
+        `[...]` per-example losses (times `weights`).
 
     Under a Monte-Carlo Fisher capture it also records the losses of labels
     sampled from `Bernoulli(sigmoid(logits))`.
@@ -281,9 +397,14 @@ def sigmoid_binary_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Ar
         (2,)
     """
     _check_same_shape("sigmoid_binary_cross_entropy", logits, labels)
-    logits = _marked(logits)
-    _record_sampled_losses(logits, _sample_bernoulli, _bernoulli_nll)
-    return _bernoulli_nll(logits, labels)
+    return _weighted(
+        "sigmoid_binary_cross_entropy",
+        logits,
+        lambda logits: _bernoulli_nll(logits, labels),
+        _sample_bernoulli,
+        _bernoulli_nll,
+        weights,
+    )
 
 
 def _gaussian_nll(predictions: jax.Array, targets: jax.Array) -> jax.Array:

@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_ekfac._src import validation
+from optax_ekfac._src import partial, validation
 from optax_ekfac._src.capture import Statistics
 from optax_ekfac._src.loss_model import LossModel
 from optax_ekfac._src.options import Adaptation
@@ -159,7 +159,8 @@ def adaptive(
         directions, preconditioner = make_preconditioner(state.damping).update(
             updates, state.preconditioner, None, stats=stats
         )
-        model = _checked_loss_model(stats)
+        # Under optax.multi_transform / optax.masked: the parameters it moves.
+        model = partial.restricted_loss_model(_checked_loss_model(stats), updates)
         skipped = preconditioner.skipped_steps != state.preconditioner.skipped_steps
         descent = optax.tree.scale(-1, directions)
         vectors = (descent, state.velocity)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_ekfac._src import refresh, step_control, validation
+from optax_ekfac._src import partial, refresh, step_control, validation
 from optax_ekfac._src.blocks import Block, Layers, path_names
 from optax_ekfac._src.capture import Statistics
 from optax_ekfac._src.curvature import precondition, relative_damping_floor
@@ -67,6 +67,21 @@ def scale_by_ekfac(
     The update checks that `stats` hold every block's calls with the feature
     shapes of `layers`; the number of examples may change from batch to batch
     (a last partial batch), but all calls of one block must share it.
+
+    Chain order: clipping (`optax.clip_by_global_norm`) goes before it, where
+    it clips the gradient and so scales the step by the same factor (after
+    it, a threshold chosen for gradients cuts the preconditioned direction,
+    often hundreds of times longer, and training nearly stops); weight decay
+    (`optax.add_decayed_weights`) after it and before `optax.sgd`, decoupled
+    as in AdamW; the learning rate and its schedule in `optax.sgd`;
+    `optax.apply_if_finite` around the whole chain. `optax.adam` or `adamw`
+    after it is Adam on the preconditioned directions, whose per-coordinate
+    normalization, not the curvature, sets the step sizes. Under
+    `optax.multi_transform` or `optax.masked` it preconditions the blocks
+    whose parameters it receives and ignores the other blocks' statistics;
+    under `optax.MultiSteps` it is refused (use `accumulated`); wrappers
+    that drop `stats=` (`optax.lookahead`) take `with_stats(tx, stats)`. See
+    the README's "Fitting existing training code".
 
     Args:
         layers: the blocks, from `Curvature.layers`.
@@ -164,7 +179,7 @@ def scale_by_ekfac(
     validation.check_layers(layers)
 
     def init_fn(params: optax.Params) -> ScaleByEkfacState:
-        return _initial_state(layers, params, options)
+        return _initial_state(partial.restricted(layers, params), params, options)
 
     def update_fn(
         updates: optax.Updates,
@@ -175,16 +190,19 @@ def scale_by_ekfac(
         **extra_args: Any,
     ) -> tuple[optax.Updates, ScaleByEkfacState]:
         del params, extra_args
-        stats, grads = _checked_inputs(layers, updates, state, stats)
+        # Under optax.multi_transform / optax.masked: the blocks it receives.
+        active = partial.restricted(layers, updates)
+        stats = partial.restricted_stats(layers, active, stats)
+        stats, grads = _checked_inputs(active, updates, state, stats)
         # One flag for the whole step, computed in the compiled step: a NaN or
         # an infinity anywhere in the gradients or statistics skips the
         # refresh (no eigh of a NaN factor) and leaves the state as it was.
         finite = _all_finite(updates, stats.layers)
         schedule = refresh.schedule(state, finite, options)
         blocks, second_moments = refresh.maybe_refreshed(
-            layers, state, stats, grads, schedule, options
+            active, state, stats, grads, schedule, options
         )
-        directions = _preconditioned_blocks(layers.blocks, blocks, grads, options)
+        directions = _preconditioned_blocks(active.blocks, blocks, grads, options)
         directions |= _fallback_directions(second_moments, grads, options.damping)
         # A skipped step hands the gradients on as they came, for
         # `optax.apply_if_finite` (or the caller) to reject.
@@ -240,6 +258,14 @@ def ekfac(
     With a `learning_rate`, it is `optax.chain(scale_by_ekfac(...),
     optax.sgd(learning_rate, momentum, nesterov))` at a fixed `damping`
     (default 1e-3): nothing adapted, no extra passes.
+
+    Adapted, it takes the updates it gets as the loss's gradient: put
+    nothing that changes them before it (its quadratic model and trust-region
+    test bound the step, so no clipping), decoupled weight decay after it
+    (`optax.add_decayed_weights(-rate)`). Under `optax.multi_transform` or
+    `optax.masked` it fits its step to the loss along its own parameters,
+    the others held where they are; `accumulated` gives it the whole batch's
+    loss model.
 
     A step whose gradients or statistics (or, adapted, the quadratic model)
     hold a NaN or an infinity is skipped as a whole: the updates are zeros
@@ -397,6 +423,7 @@ def _checked_inputs(
 ) -> tuple[Statistics, dict]:
     """The statistics and the gradients by path, once they and the state fit
     the layers."""
+    validation.check_not_under_multi_steps()
     validation.check_stats(layers, stats)
     grads = validation.checked_leaves(layers, updates, "updates")
     validation.check_state(layers, state, grads)

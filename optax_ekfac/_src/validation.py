@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from optax_ekfac._src import callers
 from optax_ekfac._src.blocks import Block, Layers, LayerStats, leaves_by_path
 from optax_ekfac._src.capture import Statistics
 from optax_ekfac._src.options import Adaptation, Options, Scalings, WeightSharing
@@ -171,6 +172,23 @@ def check_state(layers: Layers, state: Any, grads: dict) -> None:
             )
 
 
+def check_not_under_multi_steps() -> None:
+    """Raises inside `optax.MultiSteps`, whose inner update keeps the state of
+    the last micro-batch's statistics only."""
+    if callers.under_multi_steps():
+        raise error(
+            SCALE_BY_EKFAC,
+            "it runs inside optax.MultiSteps, which accumulates the gradients "
+            "only: the update sees each micro-batch's statistics and MultiSteps "
+            "keeps its state from the last micro-batch, so the curvature (and "
+            "the adaptive ekfac's quadratic model) would be the last "
+            "micro-batch's alone. Compute a step's loss, gradients and "
+            "statistics over all its micro-batches with "
+            "optax_ekfac.accumulated(curvature, num_micro_batches), and call "
+            "tx.update once per step.",
+        )
+
+
 def check_stats(layers: Layers, stats: Any) -> None:
     """Raises unless `stats` hold every block's calls, in the layers' shapes.
 
@@ -183,7 +201,8 @@ def check_stats(layers: Layers, stats: Any) -> None:
             SCALE_BY_EKFAC,
             "update needs the batch statistics: "
             "tx.update(grads, state, params, stats=stats) with stats from "
-            "Curvature.value_grad_and_stats.",
+            "Curvature.value_grad_and_stats. It got none; if you passed them, "
+            + callers.missing_stats_cause(),
         )
     if not isinstance(stats, Statistics):
         raise error(
