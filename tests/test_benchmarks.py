@@ -5,6 +5,7 @@ trace per optimizer across its sweep, the numbers and files it reports), so
 the benchmark code does not rot between full runs.
 """
 
+import dataclasses
 import json
 
 import flax.linen as nn
@@ -13,7 +14,17 @@ import numpy as np
 import pytest
 
 import optax_ekfac as oek
-from benchmarks import cost, mlp, records, reporting, running, specs, storage
+from benchmarks import (
+    autoencoder,
+    cost,
+    kfac_jax,
+    mlp,
+    records,
+    reporting,
+    running,
+    specs,
+    storage,
+)
 
 
 @pytest.fixture(scope="module")
@@ -121,17 +132,22 @@ def test_flop_model_counts_the_issue_terms():
     )
 
 
-def test_defaults_run_and_targets_combine_over_seeds(small_problem):
-    """The recommended optimizer runs in the harness with one setting and one
-    trace, and a target over seeds is met only where met on every seed."""
+@pytest.fixture(scope="module")
+def defaults_comparison(small_problem):
+    """EKFAC's defaults against Adam, a few steps."""
     settings = specs.Settings(steps=4, warmup_steps=1, eval_every=2)
-    comparison = running.compare(
+    return running.compare(
         small_problem,
         [specs.ekfac_defaults(), specs.adam([1e-2])],
         settings,
         log=lambda _: None,
     )
-    ekfac = comparison.optimizers["EKFAC"]
+
+
+def test_defaults_run_and_targets_combine_over_seeds(defaults_comparison):
+    """The recommended optimizer runs in the harness with one setting and one
+    trace, and a target over seeds is met only where met on every seed."""
+    ekfac = defaults_comparison.optimizers["EKFAC"]
     assert ekfac.traces == 1 and len(ekfac.runs) == 1
     assert ekfac.runs[0].hyperparameters == {}
     assert np.isfinite(ekfac.runs[0].final_train_loss)
@@ -143,3 +159,36 @@ def test_defaults_run_and_targets_combine_over_seeds(small_problem):
     assert reporting.over_seeds([met, unknown]).status == "NOT MEASURABLE"
     assert reporting.over_seeds([met, missed, unknown]).status == "MISSED"
     assert reporting.over_seeds([met, missed]).detail.startswith("1/2 seeds")
+
+
+def test_autoencoder_targets_use_kfac_jax_side_by_side_where_it_ran(
+    defaults_comparison, monkeypatch
+):
+    """Without kfac-jax's environment the issue's figures stand in; with a run
+    of it, its time relative to Adam's here and its final loss."""
+    comparison = dataclasses.replace(
+        defaults_comparison,
+        summary={
+            "EKFAC": dataclasses.replace(
+                defaults_comparison.summary["EKFAC"],
+                seconds_to_target=1.0,
+                final_train_loss=0.5,
+            ),
+            "Adam": dataclasses.replace(
+                defaults_comparison.summary["Adam"], seconds_to_target=4.0
+            ),
+        },
+    )
+    monkeypatch.setattr(kfac_jax, "run", lambda seed, steps: None)
+    _, issue_time, issue_loss = autoencoder.targets(comparison)
+    assert "issue's figures" in issue_time.description and issue_loss.met is False
+    assert issue_time.detail.endswith(f"ratio {1.0 / (4.0 * 0.71 / 0.78):.2f}")
+
+    measured = dict(
+        seed=0, steps=4, steps_to_target=2, seconds_to_target=3.0, final_train_loss=0.6
+    )
+    monkeypatch.setattr(kfac_jax, "run", lambda seed, steps: measured)
+    _, side_time, side_loss = autoencoder.targets(comparison)
+    assert "side by side" in side_time.description and side_loss.met is True
+    assert side_time.detail == "1.00 s against 3.00 s, ratio 0.33"
+    assert side_time.met is True
