@@ -56,17 +56,18 @@ _LOWER_RATIO, _UPPER_RATIO = 0.25, 0.75
 # accepting every step that lowered the loss at all (ρ > 0) let steps whose
 # model was off by 10^3-10^6 through, and training blew up.
 _MIN_ACCEPTED_RATIO = 0.1
-# A step that raised the batch's loss (ρ ≤ 0, rejected) multiplies the damping
-# by this rather than by 1/ω: its model was far off, and a batch that keeps
-# producing such steps has to get one accepted before the other batches have
-# lowered the damping again. Measured on the MLP benchmark: an outlier example
-# whose loss sat on softmax's flat tail (a loss of 20-90, a Gauss-Newton
-# curvature of ~0) drew steps with ρ ≈ -10³ from every batch holding it while
-# the others lowered λ by ω; with 1/ω one seed in three stalled at a train
-# loss of 0.06-0.1, with 3 it reached the target in 160 steps, with 10 in 130.
-# Steps that lowered the loss by too little (0 < ρ ≤ 0.1) keep 1/ω: tenfold
-# there cost the CNN benchmark 10-20 steps after one such first step.
-_RAISED_LOSS_DAMPING_GROWTH = 10.0
+# A step that raised the batch's loss (ρ ≤ 0, rejected), or a second rejected
+# step in a row, multiplies the damping by this rather than by 1/ω: its model
+# was far off, and a batch that keeps producing such steps has to get one
+# accepted before the other batches have lowered the damping again. Measured
+# on the MLP benchmark: an outlier example whose loss sat on softmax's flat
+# tail (a loss of 20-90, a Gauss-Newton curvature of ~0) drew steps with
+# ρ ≈ -10³ from every batch holding it while the others lowered λ by ω; with
+# 1/ω one seed in three stalled at a train loss of 0.06-0.1, with 3 it reached
+# the target in 160 steps, with 10 in 130. A single step that lowered the loss
+# by too little (0 < ρ ≤ 0.1) keeps 1/ω: tenfold there cost the CNN benchmark
+# 10-20 steps after one such first step.
+_REJECTION_DAMPING_GROWTH = 10.0
 # The previous step may raise a fresh batch's loss by this fraction before
 # the damping grows: beyond it, the step fitted its own batch and hurt the
 # data (batch 1); below it, batch-to-batch noise (0.01 slowed batch-256 runs
@@ -191,9 +192,9 @@ def adaptive(
         if not fixed_damping:
             overfitted = jnp.logical_not(fresh_change <= _FRESH_BATCH_TOLERANCE)
             # The previous update was rejected (its model change is zeroed).
-            again = (state.model_change == 0) & (count > 0)
+            rejected_before = (state.model_change == 0) & (count > 0)
             damping = _levenberg_marquardt(
-                damping, ratio, overfitted, due, again, adaptation
+                damping, ratio, overfitted, due, rejected_before, adaptation
             )
         step = optax.tree.where(rejected, optax.tree.zeros_like(step), step)
         new_state = EkfacState(
@@ -316,19 +317,21 @@ def _levenberg_marquardt(
     """The damping after a reduction ratio `ratio` (where `due`): smaller
     where the model predicted the batch's loss well, larger where it did not
     or where the previous step `overfitted` (raised a fresh batch's loss),
-    much larger where the step raised the loss (and was rejected)."""
+    ten times larger where the step raised the loss or is rejected after a
+    rejected one."""
     omega = adaptation.damping_decay**adaptation.damping_adaptation_interval
     worse = jnp.logical_not(ratio >= _LOWER_RATIO) | overfitted
     better = (ratio > _UPPER_RATIO) & jnp.logical_not(overfitted)
     # A step that raised the loss (or made it NaN): its model was far off,
-    # unlike one that lowered it by too little.
-    raised = due & jnp.logical_not(ratio > 0)
-    # A second rejection in a row: growing by 1/ω per step left a batch-of-one
-    # CNN 25 steps at a loss far above its initial one.
-    raised |= due & jnp.logical_not(ratio > _MIN_ACCEPTED_RATIO) & rejected_before
+    # unlike one that lowered it by too little. A second rejection in a row:
+    # growing by 1/ω per step left a batch-of-one CNN 25 steps at a loss far
+    # above its initial one.
+    raised = jnp.logical_not(ratio > 0)
+    rejected_again = jnp.logical_not(ratio > _MIN_ACCEPTED_RATIO) & rejected_before
+    tenfold = due & (raised | rejected_again)
     new_damping = jnp.select(
-        [raised, due & better, due & worse],
-        [damping * _RAISED_LOSS_DAMPING_GROWTH, damping * omega, damping / omega],
+        [tenfold, due & better, due & worse],
+        [damping * _REJECTION_DAMPING_GROWTH, damping * omega, damping / omega],
         damping,
     )
     new_damping = jnp.clip(new_damping, adaptation.min_damping, adaptation.max_damping)
