@@ -121,7 +121,7 @@ def checked_leaves(layers: Layers, tree: Any, what: str) -> dict:
 
 def _param_sizes(block: Block) -> tuple[int, ...]:
     """Number of elements of the kernel (and bias) of a block."""
-    features = block.output_dim * block.num_groups
+    features = block.output_dim * block.num_groups * block.num_stacked
     kernel = (block.input_dim - block.has_bias) * features
     return (kernel, features) if block.has_bias else (kernel,)
 
@@ -220,6 +220,21 @@ def check_stats(layers: Layers, stats: Any) -> None:
                 f"{block.name} was called {len(calls)} times in "
                 f"the stats, {block.num_calls} in the layers.",
             )
+        stack = block.stack
+        for call in calls:
+            held = (call.inputs.shape[: len(stack)], call.output_grads.shape[: len(stack)])
+            if held != (stack, stack):
+                raise error(
+                    SCALE_BY_EKFAC,
+                    f"stats for {block.name} have inputs {call.inputs.shape} and "
+                    f"output gradients {call.output_grads.shape}; its block is "
+                    f"stacked {stack} (one per layer of a scan), so both need "
+                    "these leading axes. Were they captured from another model?",
+                )
+        calls = [
+            LayerStats(*(_element_shape(leaf, len(stack)) for leaf in call))
+            for call in calls
+        ]
         for call, method in zip(calls, block.methods):
             problem = block.layer_kind.misfit(block, call, method)
             if problem is not None:
@@ -233,6 +248,11 @@ def check_stats(layers: Layers, stats: Any) -> None:
                 "examples, so they need the same leading (example) axis, of at "
                 "least one example.",
             )
+
+
+def _element_shape(leaf: Any, num_stacked: int) -> jax.ShapeDtypeStruct:
+    """What one element of a stack sees of a stacked statistic."""
+    return jax.ShapeDtypeStruct(leaf.shape[num_stacked:], leaf.dtype)
 
 
 def _check_hyperparameters(options: Options) -> None:
