@@ -128,7 +128,9 @@ class _Call:
         """Zero perturbation and input slot, stacked: `stack + shape`.
 
         The slot is floating point (token ids come back as floats, exact up
-        to 2**24), in the output's sharding for the perturbation.
+        to 2**24). Both are sharded as the layer's output and input are
+        (the example axis, under an explicit mesh): a cotangent takes its
+        primal's type.
         """
         outputs, inputs = self.outputs, self.inputs
         slot_dtype = (
@@ -136,10 +138,17 @@ class _Call:
             if jnp.issubdtype(inputs.dtype, jnp.floating)
             else jnp.promote_types(outputs.dtype, jnp.float32)
         )
-        return (
-            jnp.zeros(self.stack + outputs.shape, outputs.dtype),
-            jnp.zeros(self.stack + inputs.shape, slot_dtype),
-        )
+
+        def zeros(like, dtype):
+            sharding = like.sharding
+            spec = (tuple(sharding.spec) + (None,) * like.ndim)[: like.ndim]
+            stacked = jax.sharding.NamedSharding(
+                sharding.mesh,
+                jax.sharding.PartitionSpec(*(None,) * len(self.stack), *spec),
+            )
+            return jnp.zeros(self.stack + like.shape, dtype, out_sharding=stacked)
+
+        return zeros(outputs, outputs.dtype), zeros(inputs, slot_dtype)
 
 
 # Module path -> variable name -> a transformed call's perturbation or slot.
@@ -248,7 +257,9 @@ class _Interceptor:
                     shape(outputs.shape, outputs.dtype),
                 )
             ),
-            inputs=shape(inputs.shape, inputs.dtype),
+            inputs=shape(
+                inputs.shape, inputs.dtype, sharding=jax.typeof(inputs).sharding
+            ),
             outputs=shape(
                 outputs.shape, outputs.dtype, sharding=jax.typeof(outputs).sharding
             ),
