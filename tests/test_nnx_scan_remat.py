@@ -66,6 +66,11 @@ class Model(nnx.Module):
         return self.head(body(x, self.blocks))
 
 
+def _element(tree, index):
+    """Element `index` of every leaf's leading (stacked) axis."""
+    return jax.tree.map(lambda leaf: leaf[index], tree)
+
+
 def _batch():
     keys = jax.random.split(jax.random.key(0))
     x = jax.random.normal(keys[0], (BATCH, POSITIONS, FEATURES))
@@ -79,9 +84,7 @@ def _twins(layout):
     twin = Model("unrolled", nnx.Rngs(1))
     stacked = nnx.to_pure_dict(nnx.state(model.blocks, nnx.Param))
     for layer in range(NUM_LAYERS):
-        nnx.update(
-            twin.blocks[layer], jax.tree.map(lambda leaf: leaf[layer], stacked)
-        )
+        nnx.update(twin.blocks[layer], _element(stacked, layer))
     nnx.update(twin.head, nnx.state(model.head, nnx.Param))
     return model, twin
 
@@ -91,8 +94,7 @@ def _unrolled(tree):
     return {
         "head": tree["head"],
         "blocks": {
-            layer: jax.tree.map(lambda leaf: leaf[layer], tree["blocks"])
-            for layer in range(NUM_LAYERS)
+            layer: _element(tree["blocks"], layer) for layer in range(NUM_LAYERS)
         },
     }
 

@@ -76,6 +76,11 @@ class Model(nn.Module):
         return nn.Dense(VOCABULARY, name="head")(x)
 
 
+def _element(tree, index):
+    """Element `index` of every leaf's leading (stacked) axis."""
+    return jax.tree.map(lambda leaf: leaf[index], tree)
+
+
 def _batch(seed=0):
     keys = jax.random.split(jax.random.key(seed))
     tokens = jax.random.randint(keys[0], (BATCH, POSITIONS), 0, VOCABULARY)
@@ -106,7 +111,7 @@ def _unrolled(params):
         name: value for name, value in params.items() if name not in ("blocks", "stack")
     }
     for layer in range(NUM_LAYERS):
-        unrolled[f"block_{layer}"] = jax.tree.map(lambda leaf: leaf[layer], stacked)
+        unrolled[f"block_{layer}"] = _element(stacked, layer)
     return unrolled
 
 
@@ -132,9 +137,13 @@ def _init(layout):
 
 
 def _stats_and_grads(model, params, fisher_type="empirical", checkpointed=False):
-    curvature = oek.Curvature(
-        _loss_fn(model, checkpointed), fisher_type=fisher_type, num_samples=2
-    ) if fisher_type == "mc" else oek.Curvature(_loss_fn(model, checkpointed))
+    curvature = (
+        oek.Curvature(
+            _loss_fn(model, checkpointed), fisher_type=fisher_type, num_samples=2
+        )
+        if fisher_type == "mc"
+        else oek.Curvature(_loss_fn(model, checkpointed))
+    )
     batch = _batch()
     layers = curvature.layers(params, *batch)
     loss, grads, stats = jax.jit(curvature.value_grad_and_stats)(
@@ -165,9 +174,7 @@ def test_remat_statistics_equal_those_without_remat(layout, twin, checkpointed):
     assert layers == twin_layers
     chex.assert_trees_all_close(loss, twin_loss, rtol=1e-12)
     chex.assert_trees_all_close(grads, twin_grads, rtol=1e-10, atol=1e-14)
-    chex.assert_trees_all_close(
-        stats.layers, twin_stats.layers, rtol=1e-10, atol=1e-14
-    )
+    chex.assert_trees_all_close(stats.layers, twin_stats.layers, rtol=1e-10, atol=1e-14)
     # Not zeros: each call's own inputs and output gradients came back.
     for calls in stats.layers.values():
         for call in calls:
@@ -204,17 +211,15 @@ def test_scanned_update_equals_the_unrolled_twins(layout, scalings, fisher_type)
     stacked = [block for block in layers.blocks if block.stack]
     assert [block.stack for block in stacked] == [(NUM_LAYERS,)] * 2
     assert [block.num_calls for block in stacked] == [2, 1]  # up, down
-    chex.assert_trees_all_close(
-        _unrolled(updates), twin_updates, rtol=1e-8, atol=1e-12
-    )
+    chex.assert_trees_all_close(_unrolled(updates), twin_updates, rtol=1e-8, atol=1e-12)
     # One block per layer: layer l's curvature is the unrolled block_l's.
     for block in stacked:
         for layer in range(NUM_LAYERS):
-            twin_name = block.name.replace(
-                "stack/blocks", f"block_{layer}"
-            ).replace("blocks", f"block_{layer}")
+            twin_name = block.name.replace("stack/blocks", f"block_{layer}").replace(
+                "blocks", f"block_{layer}"
+            )
             chex.assert_trees_all_close(
-                jax.tree.map(lambda x: x[layer], state.blocks[block.name].scalings),
+                _element(state.blocks[block.name].scalings, layer),
                 twin_state.blocks[twin_name].scalings,
                 rtol=1e-8,
                 atol=1e-12,
@@ -234,9 +239,7 @@ def test_adaptive_ekfac_on_a_scanned_model_equals_the_unrolled_twins():
     _, twin_updates, twin_state = _one_update(
         "unrolled", unrolled_params, "exact", "empirical", tx=oek.ekfac(twin_layers)
     )
-    chex.assert_trees_all_close(
-        _unrolled(updates), twin_updates, rtol=1e-8, atol=1e-12
-    )
+    chex.assert_trees_all_close(_unrolled(updates), twin_updates, rtol=1e-8, atol=1e-12)
     chex.assert_trees_all_close(state.damping, twin_state.damping)
 
 
@@ -244,9 +247,7 @@ def test_diagnostics_of_stacked_blocks_are_the_unrolled_twins():
     unrolled_params = _init("unrolled")
     params = _scanned_params(unrolled_params, "scan")
     layers, _, grads, stats = _stats_and_grads(Model("scan"), params)
-    twin_layers, _, _, twin_stats = _stats_and_grads(
-        Model("unrolled"), unrolled_params
-    )
+    twin_layers, _, _, twin_stats = _stats_and_grads(Model("unrolled"), unrolled_params)
     per_example = oek.per_example_gradients(layers, stats, params)
     # [N, L, ...]: the example axis first, then the stack.
     per_example["blocks"] = jax.tree.map(
@@ -320,16 +321,13 @@ def test_vmapped_ensemble_is_one_block_per_member():
     params = Ensemble(True).init(jax.random.key(2), x)["params"]
     params = jax.tree.map(lambda leaf: leaf.astype(jnp.float64), params)
     twin_params = {
-        f"member_{i}": jax.tree.map(lambda leaf: leaf[i], params["members"])
-        for i in range(NUM_MEMBERS)
+        f"member_{i}": _element(params["members"], i) for i in range(NUM_MEMBERS)
     }
 
     def update(vmapped, params):
         model = Ensemble(vmapped)
         curvature = oek.Curvature(
-            lambda p, x, y: oek.softmax_cross_entropy(
-                model.apply({"params": p}, x), y
-            )
+            lambda p, x, y: oek.softmax_cross_entropy(model.apply({"params": p}, x), y)
         )
         layers = curvature.layers(params, x, y)
         tx = oek.scale_by_ekfac(layers, damping=1e-3)
@@ -345,10 +343,7 @@ def test_vmapped_ensemble_is_one_block_per_member():
     _, twin_updates = update(False, twin_params)
     assert [block.stack for block in layers.blocks] == [(NUM_MEMBERS,)]
     chex.assert_trees_all_close(
-        {
-            f"member_{i}": jax.tree.map(lambda leaf: leaf[i], updates["members"])
-            for i in range(NUM_MEMBERS)
-        },
+        {f"member_{i}": _element(updates["members"], i) for i in range(NUM_MEMBERS)},
         twin_updates,
         rtol=1e-8,
     )

@@ -198,8 +198,7 @@ def _traced_here(value: Any) -> bool:
     """Whether `value` is a tracer of the current trace (an argument of the
     transformation running now, not a value it closes over)."""
     return (
-        isinstance(value, jax_core.Tracer)
-        and value._trace is jax_core.trace_ctx.trace  # noqa: SLF001
+        isinstance(value, jax_core.Tracer) and value._trace is jax_core.trace_ctx.trace  # noqa: SLF001
     )
 
 
@@ -649,9 +648,7 @@ class Curvature:
         )
         # full_like: a cotangent has the losses' type, sharding included.
         mean_cotangent = jnp.full_like(losses, 1 / losses.size)
-        grads, cotangents = backward(
-            (mean_cotangent, jnp.zeros_like(sampled_sums))
-        )
+        grads, cotangents = backward((mean_cotangent, jnp.zeros_like(sampled_sums)))
         inputs, _ = _per_call(calls, direct_inputs, cotangents)
 
         def sampled_output_grads(sample_indicator):
@@ -696,8 +693,8 @@ def _per_call(
     """Every call's input and output cotangent, in call order, from the
     recorded inputs of direct calls and the cotangents `(direct, entries)`:
     a transformed call's input is its slot's cotangent (`_tap`)."""
-    direct_cotangents, entry_cotangents = cotangents
-    direct_inputs, direct_cotangents = iter(direct_inputs), iter(direct_cotangents)
+    direct_outputs, entry_cotangents = cotangents
+    direct_input_iter, direct_output_iter = iter(direct_inputs), iter(direct_outputs)
     inputs, outputs = [], []
     for call in calls:
         if call.transformed:
@@ -706,8 +703,8 @@ def _per_call(
             inputs.append(variables[input_name].astype(call.inputs.dtype))
             outputs.append(variables[output_name])
         else:
-            inputs.append(next(direct_inputs))
-            outputs.append(next(direct_cotangents))
+            inputs.append(next(direct_input_iter))
+            outputs.append(next(direct_output_iter))
     return tuple(inputs), tuple(outputs)
 
 

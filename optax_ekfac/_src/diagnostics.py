@@ -97,9 +97,7 @@ def gradient_variance(
     variances = {}
     for block in layers.blocks:
         gradients = _per_example_block_gradients(block, stats)
-        variances.update(
-            block_leaves(block, jnp.var(gradients, axis=0), leaves)
-        )
+        variances.update(block_leaves(block, jnp.var(gradients, axis=0), leaves))
     return traverse_util.unflatten_dict(variances)
 
 

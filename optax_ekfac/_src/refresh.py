@@ -246,9 +246,7 @@ def _eigenbases(
     a stacked block's layers are tasks of their own there, and one batched
     eigh otherwise.
     """
-    distribute = (
-        options.distribute_eigh and sharding.axis_size(options.axis_name) > 1
-    )
+    distribute = options.distribute_eigh and sharding.axis_size(options.axis_name) > 1
     matrices: list[jax.Array] = []
     costs: list[float] = []
     for block in blocks:

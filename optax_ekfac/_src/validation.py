@@ -222,8 +222,9 @@ def check_stats(layers: Layers, stats: Any) -> None:
             )
         stack = block.stack
         for call in calls:
-            held = (call.inputs.shape[: len(stack)], call.output_grads.shape[: len(stack)])
-            if held != (stack, stack):
+            leading = {call.inputs.shape[: len(stack)]}
+            leading.add(call.output_grads.shape[: len(stack)])
+            if leading != {stack}:
                 raise error(
                     SCALE_BY_EKFAC,
                     f"stats for {block.name} have inputs {call.inputs.shape} and "
@@ -231,15 +232,16 @@ def check_stats(layers: Layers, stats: Any) -> None:
                     f"stacked {stack} (one per layer of a scan), so both need "
                     "these leading axes. Were they captured from another model?",
                 )
-        calls = [
-            LayerStats(*(_element_shape(leaf, len(stack)) for leaf in call))
+        # What one element of the stack sees (shapes only).
+        elements = [
+            LayerStats(*(_element_shape(leaf, len(stack)) for leaf in call))  # type: ignore[arg-type]
             for call in calls
         ]
-        for call, method in zip(calls, block.methods):
+        for call, method in zip(elements, block.methods):
             problem = block.layer_kind.misfit(block, call, method)
             if problem is not None:
                 raise error(SCALE_BY_EKFAC, problem)
-        num_examples = sorted({call.inputs.shape[0] for call in calls})
+        num_examples = sorted({call.inputs.shape[0] for call in elements})
         if len(num_examples) > 1 or num_examples[0] < 1:
             raise error(
                 SCALE_BY_EKFAC,
