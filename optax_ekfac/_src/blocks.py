@@ -52,6 +52,9 @@ class LayerStats(NamedTuple):
             for an embedding lookup).
         output_grads: per-example output gradients `dl_n/dy_n`, the shape of
             the layer output `[N, ...]`.
+
+    A stacked block's (`Block.stack`, a scanned layer's) carry the stack's
+    axes first: `[L, N, ...]`.
     """
 
     inputs: jax.Array

@@ -14,7 +14,7 @@ import optax
 import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
-from test_data_parallel import _assert_same_history, _eqns
+from test_data_parallel import _assert_same_history, device_shares
 
 import optax_ekfac as oek
 
@@ -45,8 +45,8 @@ class Net(nn.Module):
         return nn.Dense(5, param_dtype=jnp.float64)(x.reshape(x.shape[0], -1))
 
 
-@pytest.fixture(scope="module")
-def problem():
+@functools.cache
+def _problem():
     model = Net()
     keys = jax.random.split(jax.random.key(0), 4)
     batches = [
@@ -67,9 +67,11 @@ def problem():
     return curvature, layers, params, batches
 
 
-def _train(problem, axis_type=None, **settings):
-    curvature, layers, params, batches = problem
-    tx = oek.scale_by_ekfac(layers, **SETTINGS, **settings)
+@functools.cache
+def _train(axis_type=None, settings=()):
+    """Two steps' `(updates, state)` and the step's jaxpr, each run once."""
+    curvature, layers, params, batches = _problem()
+    tx = oek.scale_by_ekfac(layers, **SETTINGS, **dict(settings))
 
     @jax.jit
     def step(params, state, batch, key):
@@ -100,45 +102,22 @@ class _no_mesh:
         return False
 
 
-@pytest.fixture(scope="module")
-def train(problem):
-    """`_train`, each run once."""
-    runs = {}
-
-    def train(axis_type=None, **settings):
-        key = (axis_type, tuple(sorted(settings.items())))
-        if key not in runs:
-            runs[key] = _train(problem, axis_type, **settings)
-        return runs[key]
-
-    return train
-
-
 @pytest.mark.parametrize(
     "axis_type, settings",
     [
-        (AxisType.Explicit, {}),
-        (AxisType.Auto, {"scalings": "per_position", "distribute_eigh": False}),
+        (AxisType.Explicit, ()),
+        (AxisType.Auto, (("scalings", "per_position"), ("distribute_eigh", False))),
     ],
 )
-def test_scanned_sharded_steps_equal_single_device_steps(train, axis_type, settings):
-    expected, _ = train(**settings)
-    history, _ = train(axis_type, **settings)
+def test_scanned_sharded_steps_equal_single_device_steps(axis_type, settings):
+    expected, _ = _train(settings=settings)
+    history, _ = _train(axis_type, settings)
     _assert_same_history(history, expected)
 
 
-def test_distributed_eigh_balances_the_stacked_layers(train):
-    _, jaxpr = train(AxisType.Explicit)
-    (shard_map,) = _eqns(jaxpr, "shard_map")
-    (switch,) = [
-        eqn
-        for eqn in _eqns(shard_map.params["jaxpr"], "cond")
-        if len(eqn.params["branches"]) == NUM_DEVICES
-    ]
-    shares = [
-        sorted(eqn.invars[0].aval.shape for eqn in _eqns(branch.jaxpr, "eigh"))
-        for branch in switch.params["branches"]
-    ]
+def test_distributed_eigh_balances_the_stacked_layers():
+    _, jaxpr = _train(AxisType.Explicit)
+    shares = device_shares(jaxpr)
     # One task per layer of each stacked factor (up: 5x5 and 8x8, down: 9x9
     # and 4x4), plus the head's two (13x13, 5x5); spread so that no device
     # holds a whole stack.
