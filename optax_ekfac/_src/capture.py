@@ -363,7 +363,10 @@ class Curvature:
         loss_fn: `loss_fn(params, *batch)` returning unreduced losses of shape
             `[N]` (or `[B, T]`, ...: every entry is one loss term), e.g. from
             `optax_ekfac.softmax_cross_entropy`. It must apply a `flax.linen`
-            model with `params` as its `"params"` collection.
+            model with `params` as its `"params"` collection. Layers under
+            `nn.remat`, `nn.scan` or `nn.vmap` (parameters on axis 0) and
+            `jax.checkpoint` are captured; a scanned module is one block per
+            layer, stacked (`Block.stack`).
         has_aux: `loss_fn` returns `(losses, aux)`; `aux` is passed through.
         fisher_type: which Fisher the statistics estimate. `"empirical"`: the
             output gradients of the data's labels. `"mc"`: the true Fisher,

@@ -249,6 +249,7 @@ def _eigenbases(
     distribute = options.distribute_eigh and sharding.axis_size(options.axis_name) > 1
     matrices: list[jax.Array] = []
     costs: list[float] = []
+    stack_dims: list[int] = []  # leading stack axes of each task
     for block in blocks:
         input_factor, output_factor = factors[block.name]
         # A diagonal input factor (embeddings): nothing to decompose.
@@ -259,17 +260,36 @@ def _eigenbases(
                 elements = factor.reshape((-1,) + factor.shape[len(block.stack) :])
                 matrices += list(elements)
                 costs += [cost] * block.num_stacked
+                stack_dims += [0] * block.num_stacked
             else:
                 matrices.append(factor)
                 costs.append(cost * block.num_stacked)
+                stack_dims.append(len(block.stack))
 
     def eigh(factor):
         return curvature.symmetric_eigh(factor, options.eigh_dtype)
 
+    def eigh_of_stack(factor, num_stack_dims):
+        if not num_stack_dims or jax.default_backend() != "cpu":
+            return eigh(factor)
+        # jaxlib's CPU eigh spreads a batch over XLA's intra-op threads and
+        # waits for them: two batched calls running at once can each hold the
+        # thread the other waits for (a deadlock, seen on 2 cores with a
+        # scanned transformer's stacked factors). One layer at a time.
+        stack = factor.shape[:num_stack_dims]
+        flat = factor.reshape((-1,) + factor.shape[num_stack_dims:])
+        return jax.tree.map(
+            lambda result: result.reshape(stack + result.shape[1:]),
+            jax.lax.map(eigh, flat),
+        )
+
     if distribute:
         decomposed = sharding.map_over_axis(eigh, matrices, costs, options.axis_name)
     else:
-        decomposed = [eigh(matrix) for matrix in matrices]
+        decomposed = [
+            eigh_of_stack(matrix, num_stack_dims)
+            for matrix, num_stack_dims in zip(matrices, stack_dims)
+        ]
     results = iter(decomposed)
 
     def next_decomposed(block):
