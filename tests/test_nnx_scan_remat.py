@@ -12,7 +12,7 @@ from flax import nnx
 
 import optax_ekfac as oek
 
-FEATURES, NUM_LAYERS, BATCH, POSITIONS = 4, 3, 5, 3
+FEATURES, NUM_LAYERS, BATCH, POSITIONS = 4, 2, 5, 3
 
 
 class Block(nnx.Module):

@@ -16,7 +16,7 @@ import pytest
 
 import optax_ekfac as oek
 
-VOCABULARY, FEATURES, NUM_LAYERS = 7, 4, 3
+VOCABULARY, FEATURES, NUM_LAYERS = 7, 4, 2
 BATCH, POSITIONS = 5, 3
 SETTINGS = dict(damping=1e-3, max_per_example_elements=40)
 
@@ -190,7 +190,7 @@ def _one_update(layout, params, scalings, fisher_type, tx=None):
     tx = tx or oek.scale_by_ekfac(layers, scalings=scalings, **SETTINGS)
     state = tx.init(params)
     updates, state = jax.jit(tx.update)(grads, state, params, stats=stats)
-    return layers, updates, state
+    return layers, updates, state, stats
 
 
 @pytest.mark.parametrize(
@@ -204,8 +204,8 @@ def test_scanned_update_equals_the_unrolled_twins(layout, scalings, fisher_type)
     unrolled_params = _init("unrolled")
     params = _scanned_params(unrolled_params, layout)
     chex.assert_trees_all_equal_shapes(params, _init(layout))
-    layers, updates, state = _one_update(layout, params, scalings, fisher_type)
-    _, twin_updates, twin_state = _one_update(
+    layers, updates, state, stats = _one_update(layout, params, scalings, fisher_type)
+    twin_layers, twin_updates, twin_state, twin_stats = _one_update(
         "unrolled", unrolled_params, scalings, fisher_type
     )
     stacked = [block for block in layers.blocks if block.stack]
@@ -224,6 +224,27 @@ def test_scanned_update_equals_the_unrolled_twins(layout, scalings, fisher_type)
                 rtol=1e-8,
                 atol=1e-12,
             )
+    # The diagnostics: per-example gradients [N, L, ...] (examples first).
+    per_example = oek.per_example_gradients(layers, stats, params)
+    stacked_per_example = _stacked_subtree(per_example)
+    per_example = {
+        "blocks": jax.tree.map(
+            lambda leaf: jnp.moveaxis(leaf, 1, 0), stacked_per_example
+        ),
+        **{
+            name: value
+            for name, value in per_example.items()
+            if name not in ("blocks", "stack")
+        },
+    }
+    chex.assert_trees_all_close(
+        _unrolled(per_example),
+        oek.per_example_gradients(twin_layers, twin_stats, unrolled_params),
+        rtol=1e-10,
+        atol=1e-14,
+    )
+    distances = oek.frobenius_distances(layers, stats, state)
+    chex.assert_shape(distances[stacked[0].name].ekfac, ())
 
 
 def test_adaptive_ekfac_on_a_scanned_model_equals_the_unrolled_twins():
@@ -233,36 +254,14 @@ def test_adaptive_ekfac_on_a_scanned_model_equals_the_unrolled_twins():
     twin_layers = oek.Curvature(_loss_fn(Model("unrolled"))).layers(
         unrolled_params, *_batch()
     )
-    _, updates, state = _one_update(
+    _, updates, state, _ = _one_update(
         "scan", params, "exact", "empirical", tx=oek.ekfac(layers)
     )
-    _, twin_updates, twin_state = _one_update(
+    _, twin_updates, twin_state, _ = _one_update(
         "unrolled", unrolled_params, "exact", "empirical", tx=oek.ekfac(twin_layers)
     )
     chex.assert_trees_all_close(_unrolled(updates), twin_updates, rtol=1e-8, atol=1e-12)
     chex.assert_trees_all_close(state.damping, twin_state.damping)
-
-
-def test_diagnostics_of_stacked_blocks_are_the_unrolled_twins():
-    unrolled_params = _init("unrolled")
-    params = _scanned_params(unrolled_params, "scan")
-    layers, _, grads, stats = _stats_and_grads(Model("scan"), params)
-    twin_layers, _, _, twin_stats = _stats_and_grads(Model("unrolled"), unrolled_params)
-    per_example = oek.per_example_gradients(layers, stats, params)
-    # [N, L, ...]: the example axis first, then the stack.
-    per_example["blocks"] = jax.tree.map(
-        lambda leaf: jnp.moveaxis(leaf, 1, 0), per_example["blocks"]
-    )
-    chex.assert_trees_all_close(
-        _unrolled(per_example),
-        oek.per_example_gradients(twin_layers, twin_stats, unrolled_params),
-        rtol=1e-10,
-        atol=1e-14,
-    )
-    tx = oek.scale_by_ekfac(layers, **SETTINGS)
-    _, state = tx.update(grads, tx.init(params), params, stats=stats)
-    distances = oek.frobenius_distances(layers, stats, state)
-    chex.assert_shape(distances["blocks/up"].ekfac, ())
 
 
 def test_scanned_model_trains_in_float32():
