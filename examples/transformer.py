@@ -5,7 +5,11 @@ by default), read with `inspect.getsource`, so it ships with Python; its last
 10% is held out. The model (width 64): token and position embeddings
 (`nn.Embed`), two pre-LayerNorm blocks of causal multi-head self-attention
 (`nn.MultiHeadDotProductAttention`, whose projections are `DenseGeneral`
-blocks) and a GELU MLP of width 128, a final LayerNorm, and logits from the
+blocks) and a GELU MLP of width 128, written as production code writes them:
+one block under `nn.scan` (parameters stacked on a leading layer axis, one
+EKFAC block per layer and projection, their eigendecompositions batched) and
+`nn.remat` (activations recomputed in the backward pass), a final LayerNorm,
+and logits from the
 token embedding itself (`Embed.attend`: tied input and output embeddings, one
 EKFAC block with two calls). The loss is per token, `[B, T]`: every
 next-character prediction is a loss term, and EKFAC treats each as one (the
@@ -48,7 +52,7 @@ class Block(nn.Module):
         attention = nn.MultiHeadDotProductAttention(num_heads=self.num_heads)
         x = x + attention(nn.LayerNorm()(x), mask=mask)
         hidden = nn.gelu(nn.Dense(self.mlp_width)(nn.LayerNorm()(x)))
-        return x + nn.Dense(x.shape[-1])(hidden)
+        return x + nn.Dense(x.shape[-1])(hidden), None  # (carry, output): nn.scan
 
 
 class LanguageModel(nn.Module):
@@ -67,8 +71,14 @@ class LanguageModel(nn.Module):
         embed = nn.Embed(self.vocab_size, self.width)
         x = embed(tokens) + nn.Embed(length, self.width)(positions)
         mask = nn.make_causal_mask(tokens)
-        for _ in range(self.num_layers):
-            x = Block(self.num_heads, self.mlp_width)(x, mask)
+        blocks = nn.scan(
+            nn.remat(Block),
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=nn.broadcast,  # the same mask for every layer
+            length=self.num_layers,
+        )
+        x, _ = blocks(self.num_heads, self.mlp_width, name="blocks")(x, mask)
         return embed.attend(nn.LayerNorm()(x))  # logits [B, T, vocab_size]
 
 

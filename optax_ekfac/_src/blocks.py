@@ -18,13 +18,21 @@ block with the roles of its sides swapped: its gradient `dᵀ q` puts the output
 gradients on the vocabulary side and the query on the feature side; the
 vocabulary side stays diagonal (the squares of those output gradients).
 
+A module inside a lifted transform that stacks its parameters (`nn.scan` or
+`nn.vmap` with `variable_axes={"params": 0}`, `nnx.scan` over an
+`nnx.vmap`-created stack) is one block per element of its stack: its
+parameters, statistics and optimizer state carry the stack's leading axes
+(`Block.stack`, e.g. `(L,)` for `L` scanned layers), and every computation
+of its kind is vmapped over them (`over_stack`).
+
 This module holds what every kind shares: `Block`, `Layers`, `LayerStats`,
 parameter paths, and the entry points that hand a block to its kind
 (`kinds/`): its rows, per-example gradients and block matrix.
 """
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -44,6 +52,9 @@ class LayerStats(NamedTuple):
             for an embedding lookup).
         output_grads: per-example output gradients `dl_n/dy_n`, the shape of
             the layer output `[N, ...]`.
+
+    A stacked block's (`Block.stack`, a scanned layer's) carry the stack's
+    axes first: `[L, N, ...]`.
     """
 
     inputs: jax.Array
@@ -71,6 +82,9 @@ class Block:
             or None.
         call_methods: the module method of each call (`"__call__"`, or
             `"attend"` for a tied embedding's output projection).
+        stack: the leading axes of a stacked module's parameters (`(L,)` for
+            `L` layers under `nn.scan`), one block per element, each with its
+            own statistics and state; `()` for a plain module.
     """
 
     name: str
@@ -82,6 +96,7 @@ class Block:
     num_groups: int = 1
     config: Any = None
     call_methods: tuple[str, ...] = ()
+    stack: tuple[int, ...] = ()
 
     @property
     def has_bias(self) -> bool:
@@ -106,6 +121,15 @@ class Block:
     def grouped(self) -> bool:
         return self.num_groups > 1
 
+    @property
+    def num_stacked(self) -> int:
+        """How many blocks the stack holds (1 for a plain module)."""
+        return math.prod(self.stack)
+
+    def unstacked(self) -> "Block":
+        """One element of the stack: what the kinds compute on."""
+        return dataclasses.replace(self, stack=())
+
 
 @dataclasses.dataclass(frozen=True)
 class Layers:
@@ -127,7 +151,8 @@ class Layers:
         header = ("block", "kind", "calls", "A", "B", "parameters")
         rows = [header]
         for block in self.blocks:
-            groups = f"{block.num_groups} x " if block.grouped else ""
+            stack = "".join(f"{size} x " for size in block.stack)
+            groups = stack + (f"{block.num_groups} x " if block.grouped else "")
             input_factor = (
                 f"diag {block.input_dim}"
                 if block.diagonal_input
@@ -185,10 +210,21 @@ def per_example_block_gradients(
     return block.layer_kind.per_example_gradients(block, stats, dtype)
 
 
+def over_stack(block: Block, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn`, vmapped over the stack's leading axes of all its arguments (for a
+    plain block, `fn` itself)."""
+    for _ in block.stack:
+        fn = jax.vmap(fn)
+    return fn
+
+
 def block_matrix(block: Block, leaves: Mapping[ParamPath, jax.Array]) -> jax.Array:
     """The block matrix `(input_dim, output_dim)` (grouped: with a leading
-    group axis) from its parameter leaves."""
-    return block.layer_kind.block_matrix(block, leaves)
+    group axis; stacked: with the stack's axes first) from its parameter
+    leaves."""
+    kind, element = block.layer_kind, block.unstacked()
+    own = {path: leaves[path] for path in block.param_paths}
+    return over_stack(block, lambda own: kind.block_matrix(element, own))(own)
 
 
 def block_leaves(
@@ -196,7 +232,11 @@ def block_leaves(
 ) -> dict[ParamPath, jax.Array]:
     """Split a block matrix back into its leaves, in the shapes and dtypes of
     `like`."""
-    return block.layer_kind.block_leaves(block, matrix, like)
+    kind, element = block.layer_kind, block.unstacked()
+    own = {path: like[path] for path in block.param_paths}
+    return over_stack(
+        block, lambda matrix, own: kind.block_leaves(element, matrix, own)
+    )(matrix, own)
 
 
 # --- parameter paths ----------------------------------------------------------------

@@ -16,6 +16,18 @@ For the Monte-Carlo Fisher (`fisher_type="mc"`) the loss helpers, while
 predictions (see `losses.py`). One `jax.vjp` of `(l, Σ_n l̃ per sample)` then
 serves two backward passes: `mean(l)` gives the gradients, and each sample's
 sum (vmapped over the samples) gives the per-example `d̃_n = dl̃_n/dy_n`.
+
+A layer called under a JAX transformation inside `loss_fn` (`nn.remat`,
+`nn.scan`, `nn.vmap`, `jax.checkpoint`, their nnx counterparts) cannot hand
+its input out by side effect: it lives in the transformation's own trace.
+Its perturbation and an *input slot* (zeros shaped like its input) then
+enter as variables of the module (linen: extra entries of its `"params"`;
+nnx: extra `Param`s, see `nnx_capture.py`), so the transformation slices
+them per layer (a scan's or a vmap's stacked parameters) or passes them
+through (remat) as it does the module's own parameters. `_tap` adds the
+perturbation to the output and hands the layer input back as the slot's
+cotangent: the one backward pass returns, stacked over the layers, both the
+output gradients and the inputs.
 """
 
 import dataclasses
@@ -29,6 +41,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax.core import tracers
+from jax._src import core as jax_core
+from jax._src.interpreters import partial_eval
 
 from optax_ekfac._src import kinds
 from optax_ekfac._src.blocks import (
@@ -83,7 +97,15 @@ class Statistics(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class _Call:
-    """One call of a block seen while tracing `loss_fn`."""
+    """One call of a block seen while tracing `loss_fn`.
+
+    `transformed`: made under a JAX transformation inside `loss_fn`, its
+    perturbation and input slot come in as the module's variables, the
+    `index`-th of its module; `stack`: the leading axes its module's
+    parameters have beyond what the call sees (`(L,)` under `nn.scan`),
+    filled in from the params once the trace is done. `inputs` and
+    `outputs` are what one element of the stack sees.
+    """
 
     name: str
     module_path: tuple[str, ...]
@@ -92,80 +114,243 @@ class _Call:
     shape: kinds.CallShape
     inputs: jax.ShapeDtypeStruct
     outputs: jax.ShapeDtypeStruct
+    transformed: bool = False
+    index: int = 0
+    stack: tuple[int, ...] = ()
+
+    @property
+    def entry_names(self) -> tuple[str, str]:
+        """The module variables of a transformed call: perturbation, slot."""
+        return (
+            f"{ENTRY_PREFIX}output_{self.index}",
+            f"{ENTRY_PREFIX}input_{self.index}",
+        )
+
+    def entries(self) -> tuple[jax.Array, jax.Array]:
+        """Zero perturbation and input slot, stacked: `stack + shape`.
+
+        The slot is floating point (token ids come back as floats, exact up
+        to 2**24). Both are sharded as the layer's output and input are
+        (the example axis, under an explicit mesh): a cotangent takes its
+        primal's type.
+        """
+        outputs, inputs = self.outputs, self.inputs
+        slot_dtype = (
+            inputs.dtype
+            if jnp.issubdtype(inputs.dtype, jnp.floating)
+            else jnp.promote_types(outputs.dtype, jnp.float32)
+        )
+
+        def zeros(like, dtype):
+            sharding = like.sharding
+            spec = (tuple(sharding.spec) + (None,) * like.ndim)[: like.ndim]
+            stacked = jax.sharding.NamedSharding(
+                sharding.mesh,
+                jax.sharding.PartitionSpec(*(None,) * len(self.stack), *spec),
+            )
+            return jnp.zeros(self.stack + like.shape, dtype, out_sharding=stacked)
+
+        return zeros(outputs, outputs.dtype), zeros(inputs, slot_dtype)
+
+
+# Module path -> variable name -> a transformed call's perturbation or slot.
+Entries = dict[tuple[str, ...], dict[str, jax.Array]]
+
+# Names of the module variables that carry a transformed call's perturbation
+# and input slot; no layer has parameters of these names.
+ENTRY_PREFIX = "optax_ekfac_"
+
+
+@jax.custom_vjp
+def _tap(outputs, perturbation, inputs, input_slot):
+    """`outputs + perturbation`; the backward pass gives the perturbation the
+    output cotangent and the input slot the layer input itself."""
+    del inputs, input_slot
+    return outputs + perturbation
+
+
+def _tap_forward(outputs, perturbation, inputs, input_slot):
+    return _tap(outputs, perturbation, inputs, input_slot), (inputs, input_slot)
+
+
+def _tap_backward(residuals, cotangent):
+    inputs, input_slot = residuals
+    # The input's own gradient flows through the layer; the tap adds none.
+    # The slot's "cotangent" is the input: not linear in `cotangent`, but the
+    # capture reads it once, from the backward pass of the loss.
+    return cotangent, cotangent, None, inputs.astype(input_slot.dtype)
+
+
+_tap.defvjp(_tap_forward, _tap_backward)
+
+
+def _in_discarded_trace(loss_trace: Any) -> bool:
+    """Whether this runs within `nn.scan`'s extra trace of its body (a partial
+    evaluation that checks the broadcast variables, whose jaxpr is dropped)
+    inside `loss_fn`: calls there are not calls of the model."""
+    trace = jax_core.trace_ctx.trace
+    while trace is not None and trace is not loss_trace:
+        if isinstance(trace, partial_eval.JaxprTrace):
+            return True
+        trace = getattr(trace, "parent_trace", None)
+    return False
+
+
+def _traced_here(value: Any) -> bool:
+    """Whether `value` is a tracer of the current trace (an argument of the
+    transformation running now, not a value it closes over)."""
+    return (
+        isinstance(value, jax_core.Tracer) and value._trace is jax_core.trace_ctx.trace  # noqa: SLF001
+    )
 
 
 class _Interceptor:
-    """Records block calls; adds `perturbations[i]` to the i-th call's output.
+    """Records block calls; adds perturbations to their outputs.
 
     With `perturbations=None` it only describes the calls (the shape pass).
+    Otherwise the i-th call in `loss_fn`'s own trace gets `perturbations[i]`
+    and records its input; a call under a transformation inside `loss_fn`
+    reads its perturbation and input slot from its module's variables
+    (`_Call.entry_names`) and goes through `_tap`.
+
     It is a `flax.linen` method interceptor; the flax.nnx capture (`nnx.py`)
     calls it the same way, with a context that also carries `module_path`
-    (nnx modules do not know their path).
+    (nnx modules do not know their path), `parameters` and `entry`.
     """
 
     def __init__(self, perturbations: tuple[jax.Array, ...] | None = None):
         self.perturbations = perturbations
         self.calls: list[_Call] = []
         self.inputs: list[jax.Array] = []
-        # The JAX trace loss_fn runs in; a call under another one (nn.remat,
-        # nn.scan, jax.checkpoint inside loss_fn) can't hand its input out.
+        # The JAX trace loss_fn runs in; calls under another one are
+        # `transformed`.
         self.loss_trace = None
         # The sum of the loss terms' weights, None for unweighted losses.
         self.weights_sum: jax.Array | None = None
+        self.loss_trace_object = None
+        # Transformed calls' perturbations and input slots, by module path
+        # and variable name (`_Call.entries`), for the capture to hand to the
+        # modules; empty in the shape pass.
+        self.entries: Entries = {}
+        self._num_direct = 0
+        self._num_transformed: dict[tuple[str, ...], int] = {}
 
     def __call__(self, next_fun, args, kwargs, context):
         kind = kinds.kind_of(context.module, context.method_name)
-        if kind is None:
+        if kind is None or _in_discarded_trace(self.loss_trace_object):
             return next_fun(*args, **kwargs)
         module_path = _module_path(context)
         name = block_name(module_path)
-        if tracers.current_trace() != self.loss_trace:
-            raise ValueError(
-                f"{name}: this {kind.name} layer runs inside a JAX transformation "
-                "within loss_fn (nn.remat, nn.scan, nn.vmap, their nnx "
-                "counterparts, jax.checkpoint, ...), where the capture cannot "
-                "record its input. Not supported "
-                "yet: apply that transformation to modules without captured "
-                f"layers, or leave it out when training with EKFAC ({SUPPORTED})."
-            )
+        transformed = tracers.current_trace() != self.loss_trace
+        if transformed:
+            _check_sliced(name, kind.name, context)
         inputs = args[0] if args else next(iter(kwargs.values()))
         outputs = next_fun(*args, **kwargs)
-        index = len(self.calls)
-        if self.perturbations is not None:
-            if index >= len(self.perturbations) or (
-                outputs.shape != self.perturbations[index].shape
-            ):
-                raise RuntimeError(
-                    f"{name}: loss_fn called its layers "
-                    "differently in two traces with the same inputs; the capture "
-                    "needs a loss_fn whose layer calls depend only on shapes."
-                )
-            outputs = outputs + self.perturbations[index]
         shape = jax.ShapeDtypeStruct
-        input_shape = shape(inputs.shape, inputs.dtype)
-        call_shape = kind.describe(
-            kinds.CallSite(
-                name,
-                kinds.LinenNames(context.module),
-                input_shape,
-                shape(outputs.shape, outputs.dtype),
-            )
+        call = _Call(
+            name=name,
+            module_path=module_path,
+            kind=kind.name,
+            method=context.method_name,
+            shape=kind.describe(
+                kinds.CallSite(
+                    name,
+                    kinds.LinenNames(context.module),
+                    shape(inputs.shape, inputs.dtype),
+                    shape(outputs.shape, outputs.dtype),
+                )
+            ),
+            inputs=shape(
+                inputs.shape, inputs.dtype, sharding=jax.typeof(inputs).sharding
+            ),
+            outputs=shape(
+                outputs.shape, outputs.dtype, sharding=jax.typeof(outputs).sharding
+            ),
+            transformed=transformed,
+            index=self._num_transformed.get(module_path, 0) if transformed else 0,
         )
-        self.calls.append(
-            _Call(
-                name=name,
-                module_path=module_path,
-                kind=kind.name,
-                method=context.method_name,
-                shape=call_shape,
-                inputs=input_shape,
-                outputs=shape(
-                    outputs.shape, outputs.dtype, sharding=jax.typeof(outputs).sharding
-                ),
-            )
-        )
-        self.inputs.append(inputs)
+        if transformed:
+            self._num_transformed[module_path] = call.index + 1
+        else:
+            self._num_direct += 1
+        if self.perturbations is not None:
+            if transformed:
+                outputs = self._tapped(call, context, outputs, inputs)
+            else:
+                outputs = outputs + self._perturbation(call)
+        self.calls.append(call)
+        if not transformed:
+            self.inputs.append(inputs)
         return outputs
+
+    def _perturbation(self, call: _Call) -> jax.Array:
+        assert self.perturbations is not None
+        index = self._num_direct - 1
+        if index >= len(self.perturbations) or (
+            call.outputs.shape != self.perturbations[index].shape
+        ):
+            raise _changed_calls_error(call.name)
+        return self.perturbations[index]
+
+    def _tapped(self, call, context, outputs, inputs) -> jax.Array:
+        perturbation, input_slot = (
+            _read_entry(context, name) for name in call.entry_names
+        )
+        if perturbation is None or input_slot is None:
+            raise ValueError(
+                f"{call.name}: this {call.kind} layer runs inside a JAX "
+                "transformation within loss_fn, and its module does not hold "
+                "the capture's variables: loss_fn must apply the model with "
+                "the params it is given, unchanged in structure, as its "
+                "'params' collection (model.apply({'params': params}, x))."
+            )
+        if perturbation.shape != outputs.shape or input_slot.shape != inputs.shape:
+            raise _changed_calls_error(call.name)
+        return _tap(outputs, perturbation, inputs, input_slot)
+
+
+def _changed_calls_error(name: str) -> RuntimeError:
+    return RuntimeError(
+        f"{name}: loss_fn called its layers differently in two traces with the "
+        "same inputs; the capture needs a loss_fn whose layer calls depend "
+        "only on shapes."
+    )
+
+
+def _read_entry(context, name: str) -> jax.Array | None:
+    """A capture variable of the called module, or None if it has none."""
+    if hasattr(context, "entry"):  # the nnx capture's context
+        return context.entry(name)
+    module = context.module
+    if not module.has_variable("params", name):
+        return None
+    return module.get_variable("params", name)
+
+
+def _check_sliced(name: str, kind: str, context) -> None:
+    """Raises unless a transformed call's parameters are its own: arguments of
+    the transformation (sliced by a scan or vmap, passed through by remat),
+    where its perturbation and input slot will be too."""
+    parameters = getattr(context, "parameters", None)
+    if parameters is None:
+        parameters = context.module.variables.get("params", {})
+    if all(_traced_here(leaf) for leaf in jax.tree.leaves(parameters)):
+        return
+    raise ValueError(
+        f"{name}: this {kind} layer runs inside a JAX transformation within "
+        "loss_fn that does not pass it its parameters (nn.scan with "
+        "variable_broadcast='params' (weight tying), nn.vmap with "
+        "variable_axes={'params': None} (a vmap over the examples), "
+        "jax.checkpoint, jax.vmap or an nnx transform over a function that "
+        "closes over the parameters or the module), so the capture cannot "
+        "tell its calls apart. Supported: nn.remat / nn.checkpoint / "
+        "nnx.remat, nn.scan / nn.vmap with variable_axes={'params': 0}, "
+        "nnx.scan / nnx.vmap over a module stacked on axis 0, and "
+        "jax.checkpoint of a function that takes the params (or the nnx "
+        "module) as an argument. Otherwise apply the transformation to "
+        "modules without captured layers, or leave it out when training "
+        f"with EKFAC ({SUPPORTED})."
+    )
 
 
 def _module_path(context) -> tuple[str, ...]:
@@ -183,7 +368,10 @@ class Curvature:
             `[N]` (or `[B, T]`, ...: every entry is one loss term), e.g. from
             `optax_ekfac.softmax_cross_entropy` (with `weights=mask`, the
             loss is `Σ w l / Σ w` over `Σ w` terms). It must apply a `flax.linen`
-            model with `params` as its `"params"` collection.
+            model with `params` as its `"params"` collection. Layers under
+            `nn.remat`, `nn.scan` or `nn.vmap` (parameters on axis 0) and
+            `jax.checkpoint` are captured; a scanned module is one block per
+            layer, stacked (`Block.stack`).
         has_aux: `loss_fn` returns `(losses, aux)`; `aux` is passed through.
         fisher_type: which Fisher the statistics estimate. `"empirical"`: the
             output gradients of the data's labels. `"mc"`: the true Fisher,
@@ -250,6 +438,7 @@ class Curvature:
         """`loss_fn(params, *batch)` with its layer calls going through
         `interceptor`: a linen method interceptor here; `nnx.Curvature`
         routes flax.nnx layer calls instead."""
+        params = _with_entries(params, interceptor.entries)
         with nn.intercept_methods(interceptor):
             return self.loss_fn(params, *batch)
 
@@ -258,6 +447,7 @@ class Curvature:
         when the helpers got weights), and `aux`; sets the interceptor's
         `weights_sum`."""
         interceptor.loss_trace = tracers.current_trace()
+        interceptor.loss_trace_object = jax_core.trace_ctx.trace
         with recorded_weights() as weights:
             result = self._call_loss_fn(params, batch, interceptor)
         losses, aux = _split_aux(result, self.has_aux)
@@ -291,7 +481,7 @@ class Curvature:
                 f"{SUPPORTED}). Does loss_fn apply the model it is given?"
             )
         _check_loss_terms(losses.shape, batch)
-        return interceptor.calls, losses
+        return _with_stacks(interceptor.calls, params), losses
 
     def layers(self, params: optax.Params, *batch: Any) -> Layers:
         """Describes the blocks of the model, tracing `loss_fn` (no FLOPs).
@@ -381,7 +571,7 @@ class Curvature:
         if self.fisher_type == "mc" and key is None:
             key = _key_of_batch(batch)
         calls, losses = self._trace_calls(params, batch)
-        perturbations = tuple(
+        direct = tuple(
             # In the output's sharding: under an explicit mesh the cotangent
             # takes the perturbation's type, and a replicated one would gather
             # every example's output gradients onto every device.
@@ -391,30 +581,40 @@ class Curvature:
                 out_sharding=call.outputs.sharding,
             )
             for call in calls
+            if not call.transformed
         )
+        entries: Entries = {}
+        for call in calls:
+            if call.transformed:
+                entries.setdefault(call.module_path, {}).update(
+                    zip(call.entry_names, call.entries())
+                )
+        perturbations = (direct, entries)
         if self.fisher_type == "mc":
             loss, aux, grads, inputs, all_output_grads, weights_sum = (
-                self._sampled_pass(params, batch, perturbations, key)
+                self._sampled_pass(params, batch, perturbations, key, calls)
             )
         else:
 
             def mean_loss(params, perturbations):
-                interceptor = _Interceptor(perturbations)
+                interceptor = _Interceptor(perturbations[0])
+                interceptor.entries = perturbations[1]
                 losses, aux = self._losses(params, batch, interceptor)
                 recorded = (tuple(interceptor.inputs), aux, interceptor.weights_sum)
                 return jnp.mean(losses), recorded
 
-            (loss, (inputs, aux, weights_sum)), (grads, cotangents) = (
+            (loss, (direct_inputs, aux, weights_sum)), (grads, cotangents) = (
                 jax.value_and_grad(mean_loss, argnums=(0, 1), has_aux=True)(
                     params, perturbations
                 )
             )
+            inputs, output_cotangents = _per_call(calls, direct_inputs, cotangents)
         num_terms = losses.size if weights_sum is None else weights_sum
         if self.fisher_type != "mc":
             # d(mean l)/dy_n is (1/N) dl_n/dy_n (weighted: (w_n/N) dl_n/dy_n).
             all_output_grads = tuple(
                 cotangent * jnp.asarray(num_terms, cotangent.dtype)
-                for cotangent in cotangents
+                for cotangent in output_cotangents
             )
 
         per_block: dict[str, list[LayerStats]] = {}
@@ -430,19 +630,21 @@ class Curvature:
         )
         return ((loss, aux) if self.has_aux else loss), grads, stats
 
-    def _sampled_pass(self, params, batch, perturbations, key):
+    def _sampled_pass(self, params, batch, perturbations, key, calls):
         """One forward, two backward passes: the data's gradient, and the
         per-example output gradients of `S` sampled labels.
 
         Returns:
             `(loss, aux, grads, inputs, output_grads, weights_sum)`, `inputs`
-            tiled and `output_grads` stacked to `S * N` examples per call;
-            `weights_sum` the sum of the loss terms' weights, or None.
+            tiled and `output_grads` stacked to `S * N` examples per call
+            (after a stacked call's leading stack axes); `weights_sum` the sum
+            of the loss terms' weights, or None.
         """
         num_samples = self.num_samples
 
         def losses_and_sampled(params, perturbations):
-            interceptor = _Interceptor(perturbations)
+            interceptor = _Interceptor(perturbations[0])
+            interceptor.entries = perturbations[1]
             with sampling(key, num_samples) as sampled:
                 losses, aux = self._losses(params, batch, interceptor)
             if not sampled.losses:
@@ -461,25 +663,31 @@ class Curvature:
             recorded = (tuple(interceptor.inputs), aux, interceptor.weights_sum)
             return (losses, sampled_sums), recorded
 
-        (losses, sampled_sums), backward, (inputs, aux, weights_sum) = jax.vjp(
+        (losses, sampled_sums), backward, (direct_inputs, aux, weights_sum) = jax.vjp(
             losses_and_sampled, params, perturbations, has_aux=True
         )
         # full_like: a cotangent has the losses' type, sharding included.
         mean_cotangent = jnp.full_like(losses, 1 / losses.size)
-        grads, _ = backward((mean_cotangent, jnp.zeros_like(sampled_sums)))
+        grads, cotangents = backward((mean_cotangent, jnp.zeros_like(sampled_sums)))
+        inputs, _ = _per_call(calls, direct_inputs, cotangents)
 
         def sampled_output_grads(sample_indicator):
-            return backward((jnp.zeros_like(losses), sample_indicator))[1]
+            cotangents = backward((jnp.zeros_like(losses), sample_indicator))[1]
+            return _per_call(calls, direct_inputs, cotangents)[1]
 
         # Their parameter cotangents are unused: jit removes them. A loop, not
         # vmap: JAX cannot batch the transposed convolutions of a sharded batch.
         stacked = jax.lax.map(
             sampled_output_grads, jnp.eye(num_samples, dtype=sampled_sums.dtype)
         )
-        output_grads = tuple(_samples_as_examples(g) for g in stacked)
+        output_grads = tuple(
+            _samples_as_examples(g, len(call.stack)) for g, call in zip(stacked, calls)
+        )
         inputs = tuple(
-            _samples_as_examples(jnp.broadcast_to(x, (num_samples,) + x.shape))
-            for x in inputs
+            _samples_as_examples(
+                jnp.broadcast_to(x, (num_samples,) + x.shape), len(call.stack)
+            )
+            for x, call in zip(inputs, calls)
         )
         return jnp.mean(losses), aux, grads, inputs, output_grads, weights_sum
 
@@ -507,6 +715,42 @@ def _weighted_mean_terms(
         )
     total = term_weights.sum()
     return losses * (losses.size / total), total
+
+
+def _with_entries(params: Any, entries: Entries) -> Any:
+    """`params` with the transformed calls' variables added to their modules'
+    dicts (new dicts along the way; `params` itself is not changed)."""
+    if not entries:
+        return params
+    params = dict(params)
+    for module_path, variables in entries.items():
+        node = params
+        for key in module_path:
+            node[key] = dict(node.get(key, {}))
+            node = node[key]
+        node.update(variables)
+    return params
+
+
+def _per_call(
+    calls: list[_Call], direct_inputs: tuple, cotangents: tuple
+) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+    """Every call's input and output cotangent, in call order, from the
+    recorded inputs of direct calls and the cotangents `(direct, entries)`:
+    a transformed call's input is its slot's cotangent (`_tap`)."""
+    direct_outputs, entry_cotangents = cotangents
+    direct_input_iter, direct_output_iter = iter(direct_inputs), iter(direct_outputs)
+    inputs, outputs = [], []
+    for call in calls:
+        if call.transformed:
+            variables = entry_cotangents[call.module_path]
+            output_name, input_name = call.entry_names
+            inputs.append(variables[input_name].astype(call.inputs.dtype))
+            outputs.append(variables[output_name])
+        else:
+            inputs.append(next(direct_input_iter))
+            outputs.append(next(direct_output_iter))
+    return tuple(inputs), tuple(outputs)
 
 
 def _key_of_batch(batch: tuple) -> jax.Array:
@@ -561,18 +805,39 @@ def _split_aux(result: Any, has_aux: bool) -> tuple[Any, Any]:
     return tuple(result) if has_aux else (result, None)
 
 
-def _samples_as_examples(stacked: jax.Array) -> jax.Array:
-    """`[S, N, ...]` -> `[S * N, ...]` (sample-major), sharded like the examples.
+def _samples_as_examples(stacked: jax.Array, stack_ndim: int = 0) -> jax.Array:
+    """`[S, *stack, N, ...]` -> `[*stack, S * N, ...]` (sample-major), sharded
+    like the examples.
 
     Under an explicit mesh the merged axis takes the example axis' sharding:
     with one sample a free reshape; with more, JAX moves rows between devices.
     """
+    stacked = jnp.moveaxis(stacked, 0, stack_ndim)
     sharding = jax.typeof(stacked).sharding
-    example_axes = (tuple(sharding.spec) + (None,) * stacked.ndim)[1 : stacked.ndim]
+    spec = (tuple(sharding.spec) + (None,) * stacked.ndim)[: stacked.ndim]
     merged = jax.sharding.NamedSharding(
-        sharding.mesh, jax.sharding.PartitionSpec(*example_axes)
+        sharding.mesh,
+        jax.sharding.PartitionSpec(*spec[:stack_ndim], *spec[stack_ndim + 1 :]),
     )
-    return jnp.reshape(stacked, (-1,) + stacked.shape[2:], out_sharding=merged)
+    shape = stacked.shape[:stack_ndim] + (-1,) + stacked.shape[stack_ndim + 2 :]
+    return jnp.reshape(stacked, shape, out_sharding=merged)
+
+
+def _with_stacks(calls: list[_Call], params: optax.Params) -> list[_Call]:
+    """The calls, each transformed one with the leading axes its module's
+    parameters have beyond the call's (`(L,)` for a scanned layer)."""
+    leaves = leaves_by_path(params)
+    stacked = []
+    for call in calls:
+        param_name, shape = call.shape.params[0]
+        leaf = leaves.get(call.module_path + (param_name,))
+        if call.transformed and leaf is not None:
+            held = tuple(leaf.shape)
+            num_stacked = len(held) - len(shape)
+            if num_stacked > 0 and held[num_stacked:] == tuple(shape):
+                call = dataclasses.replace(call, stack=held[:num_stacked])
+        stacked.append(call)
+    return stacked
 
 
 def _layers_from_calls(calls: list[_Call], params: optax.Params) -> Layers:
@@ -591,10 +856,16 @@ def _layers_from_calls(calls: list[_Call], params: optax.Params) -> Layers:
                     f"{call.shape}); a module called several times must see "
                     "inputs of the same feature shape."
                 )
+        stack = block_calls[0].stack
+        if any(call.stack != stack for call in block_calls):
+            raise ValueError(
+                f"{name}: this module is called both inside and outside a "
+                "transformation that stacks its parameters; call it one way."
+            )
         module_path = block_calls[0].module_path
         param_paths = tuple(module_path + (p,) for p, _ in first.params)
         for path, (_, shape) in zip(param_paths, first.params):
-            _check_param(name, path, shape, leaves)
+            _check_param(name, path, stack + tuple(shape), leaves)
         blocks.append(
             Block(
                 name=name,
@@ -606,6 +877,7 @@ def _layers_from_calls(calls: list[_Call], params: optax.Params) -> Layers:
                 num_groups=first.num_groups,
                 config=first.config,
                 call_methods=tuple(call.method for call in block_calls),
+                stack=stack,
             )
         )
     owned = {path for block in blocks for path in block.param_paths}
@@ -622,12 +894,13 @@ def _check_param(name: str, path, shape, leaves) -> None:
             "collection, e.g. model.apply({'params': params}, x)."
         )
     held = leaves[path].shape
-    if held[1:] == tuple(shape):
+    if len(held) > len(shape):
         raise ValueError(
-            f"{name}: params hold {'/'.join(path)} with a leading stacked axis "
-            f"{held} (nn.scan / nn.vmap over layers), which the capture does not "
-            "support yet: unroll the layers (a Python loop over modules) or keep "
-            "this module out of the lifted transform."
+            f"{name}: params hold {'/'.join(path)} of shape {held}, the layer's "
+            f"calls need {tuple(shape)}: its parameters are stacked on an axis "
+            "other than the first (nn.vmap or nn.scan with variable_axes="
+            "{'params': k}, k > 0), which the capture does not support; stack "
+            "them on axis 0 (variable_axes={'params': 0})."
         )
     if held != tuple(shape):
         raise ValueError(

@@ -17,7 +17,9 @@ rows come from too; a tied embedding's `attend` calls included). From them:
 The example axis is the statistics' axis 0: with `Curvature(fisher_type="mc",
 num_samples=S)` its `S * N` rows are (sample, example) pairs, and the Fisher
 block is the Monte-Carlo Fisher of those samples. A grouped convolution's
-blocks are independent per group: its results carry a leading group axis.
+blocks are independent per group: its results carry a leading group axis;
+a stacked block's (a scanned layer's) carry its stack's axes after the
+example axis, and those of a state before its own.
 """
 
 from typing import Any, NamedTuple
@@ -27,7 +29,13 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
-from optax_ekfac._src.blocks import Block, Layers, leaves_by_path
+from optax_ekfac._src.blocks import (
+    Block,
+    Layers,
+    block_leaves,
+    leaves_by_path,
+    over_stack,
+)
 from optax_ekfac._src.capture import Statistics
 from optax_ekfac._src.state import BlockState, ScaleByEkfacState
 
@@ -89,9 +97,7 @@ def gradient_variance(
     variances = {}
     for block in layers.blocks:
         gradients = _per_example_block_gradients(block, stats)
-        variances.update(
-            block.layer_kind.block_leaves(block, jnp.var(gradients, axis=0), leaves)
-        )
+        variances.update(block_leaves(block, jnp.var(gradients, axis=0), leaves))
     return traverse_util.unflatten_dict(variances)
 
 
@@ -139,7 +145,7 @@ def kfac_block(block_state: BlockState) -> jax.Array:
         >>> optax_ekfac.kfac_block(ekfac_state.blocks["Dense_0"]).shape  # (D, D)
         (144, 144)
     """
-    if block_state.output_factor.ndim == 3:
+    if block_state.output_factor.ndim > 2:  # groups, or a stack
         return jax.vmap(kfac_block)(block_state)
     input_factor = block_state.input_factor
     if input_factor.ndim == 1:  # a diagonal input factor (embeddings)
@@ -166,7 +172,7 @@ def ekfac_block(block_state: BlockState) -> jax.Array:
         >>> optax_ekfac.ekfac_block(ekfac_state.blocks["Dense_0"]).shape  # (D, D)
         (144, 144)
     """
-    if block_state.output_factor.ndim == 3:
+    if block_state.output_factor.ndim > 2:  # groups, or a stack
         return jax.vmap(ekfac_block)(block_state)
     input_basis = block_state.input_eigenbasis
     if input_basis is None:  # a diagonal input factor: U_A = I
@@ -239,18 +245,20 @@ def frobenius_distances(
 
 
 def _per_example_block_gradients(block: Block, stats: Statistics) -> jax.Array:
-    """`G_n`, `[N, input_dim, output_dim]` (grouped: `[N, G, ...]`), in at
-    least float32."""
+    """`G_n`, `[N, input_dim, output_dim]` (grouped: `[N, G, ...]`; stacked:
+    `[N, *stack, ...]`), in at least float32."""
     block_stats = stats.layers[block.name]
     dtype = jnp.promote_types(block_stats[0].output_grads.dtype, jnp.float32)
-    return block.layer_kind.per_example_gradients(block, block_stats, dtype)
+    kind, element = block.layer_kind, block.unstacked()
+    gradients = over_stack(
+        block, lambda calls: kind.per_example_gradients(element, calls, dtype)
+    )(block_stats)
+    return jnp.moveaxis(gradients, len(block.stack), 0)
 
 
 def _per_example_leaves(block: Block, stats: Statistics, leaves):
     gradients = _per_example_block_gradients(block, stats)
-    return jax.vmap(
-        lambda gradient: block.layer_kind.block_leaves(block, gradient, leaves)
-    )(gradients)
+    return jax.vmap(lambda gradient: block_leaves(block, gradient, leaves))(gradients)
 
 
 def _frobenius_norm(matrices: jax.Array) -> jax.Array:

@@ -17,6 +17,14 @@ interceptor is told each module's path in the merged model. Everything else
 `nnx.grad`'s, and the blocks' parameter paths are the state's paths
 (`("layers", "0", "kernel")`), so `scale_by_ekfac` and `ekfac` work with
 `nnx.Optimizer` unchanged.
+
+nnx transforms (`nnx.scan`, `nnx.vmap`, `nnx.remat`) call copies of the
+model's modules, rebuilt from their state. So that the capture knows them
+there, every captured module of the merged model carries its path as a
+static attribute, and a call under a transform reads its perturbation and
+input slot from `Param`s attached to its module (`_CaptureEntry`): the
+transform slices them with the module's parameters (a stack created with
+`nnx.vmap` and applied with `nnx.scan`) or passes them through (remat).
 """
 
 import contextlib
@@ -163,6 +171,16 @@ class Curvature:
         return _OverParams(self, graphdef, rest), params
 
 
+# The static attribute that names a captured module's path in the model.
+_PATH_ATTRIBUTE = "optax_ekfac_path"
+
+
+class _CaptureEntry(nnx.Param):
+    """A transformed call's perturbation or input slot, attached to its
+    module; a `Param`, so that transforms treat it as the module's
+    parameters (`nnx.StateAxes({nnx.Param: 0, ...})` included)."""
+
+
 class _OverParams(capture.Curvature):
     """The linen capture of `Curvature.loss_fn` as a function of the `wrt`
     state of one split model. Its aux is `(aux, the model's other state after
@@ -184,12 +202,41 @@ class _OverParams(capture.Curvature):
         # Copies: loss_fn may update the other state (BatchNorm statistics,
         # RNG counts) here, inside the differentiated trace.
         model = nnx.merge(self.graphdef, params, self.rest, copy=True)
-        router = _Router(interceptor, _module_paths(model, params))
-        with _calls_routed_to(router):
-            result = self.loss_fn(model, *batch)
+        module_paths = _module_paths(model, params)
+        attached = _attach(model, module_paths, interceptor.entries)
+        router = _Router(interceptor, module_paths)
+        try:
+            with _calls_routed_to(router):
+                result = self.loss_fn(model, *batch)
+        finally:
+            _detach(model, attached)
         losses, aux = capture._split_aux(result, self.loss_fn_has_aux)
         _, _, rest = nnx.split(model, self.wrt, ...)  # type: ignore[misc]
         return losses, (aux, rest)
+
+
+def _attach(
+    model: Any, module_paths: dict[int, tuple[str, ...]], entries: capture.Entries
+) -> list[tuple[Any, str]]:
+    """Tags the captured modules of `model` with their paths and attaches the
+    transformed calls' entries; returns what to remove afterwards."""
+    attached = []
+    modules = {id(node): node for _, node in nnx.iter_graph(model)}
+    by_path = {path: modules[key] for key, path in module_paths.items()}
+    for path, module in by_path.items():
+        setattr(module, _PATH_ATTRIBUTE, path)
+        attached.append((module, _PATH_ATTRIBUTE))
+    for path, variables in entries.items():
+        for name, value in variables.items():
+            setattr(by_path[path], name, _CaptureEntry(value))
+            attached.append((by_path[path], name))
+    return attached
+
+
+def _detach(model: Any, attached: list[tuple[Any, str]]) -> None:
+    del model
+    for module, name in attached:
+        delattr(module, name)
 
 
 def _module_paths(model: Any, params: nnx.State) -> dict[int, tuple[str, ...]]:
@@ -211,11 +258,20 @@ def _module_paths(model: Any, params: nnx.State) -> dict[int, tuple[str, ...]]:
 @dataclasses.dataclass(frozen=True)
 class _LayerCall:
     """One layer call as the interceptor reads it (linen's interceptor
-    context, plus the module's path)."""
+    context, plus the module's path, its parameters, and its capture
+    entries)."""
 
     module: nnx.Module
     method_name: str
     module_path: tuple[str, ...]
+
+    @property
+    def parameters(self) -> list[Any]:
+        return jax.tree.leaves(nnx.state(self.module, nnx.Param))
+
+    def entry(self, name: str) -> jax.Array | None:
+        variable = getattr(self.module, name, None)
+        return None if variable is None else variable[...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,7 +282,7 @@ class _Router:
     module_paths: dict[int, tuple[str, ...]]
 
     def __call__(self, method, module, method_name, args, kwargs):
-        path = self.module_paths.get(id(module))
+        path = self.module_paths.get(id(module), getattr(module, _PATH_ATTRIBUTE, None))
         if path is None:
             if tracers.current_trace() == self.interceptor.loss_trace:
                 # Not a layer of the differentiated model (frozen, or built

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from optax_ekfac._src import curvature, sharding
-from optax_ekfac._src.blocks import Block, Layers
+from optax_ekfac._src.blocks import Block, Layers, over_stack
 from optax_ekfac._src.capture import Statistics
 from optax_ekfac._src.kinds import Rows
 from optax_ekfac._src.options import Options
@@ -75,7 +75,7 @@ def maybe_refreshed(
 
 def initial_block_state(block: Block, dtype: Any) -> BlockState:
     """Zero factors and scalings, identity eigenbases (replaced at update 1)."""
-    stack = (block.num_groups,) if block.grouped else ()
+    stack = block.stack + ((block.num_groups,) if block.grouped else ())
 
     def eye(size):
         return jnp.broadcast_to(jnp.eye(size, dtype=dtype), stack + (size, size))
@@ -127,7 +127,12 @@ def refreshed_blocks(
     rows, factors = {}, {}
     for block in blocks:
         dtype = states[block.name].output_factor.dtype
-        rows[block.name] = block.layer_kind.rows(block, stats.layers[block.name], dtype)
+        rows[block.name] = over_stack(
+            block,
+            lambda calls, block=block, dtype=dtype: block.layer_kind.rows(
+                block.unstacked(), calls, dtype
+            ),
+        )(stats.layers[block.name])
         factors[block.name] = _refreshed_factors(
             block,
             states[block.name],
@@ -191,13 +196,16 @@ def _refreshed_factors(
     """The running averages of `A` and `B` after one batch of rows."""
     input_rows, output_rows, attend_rows = rows
 
-    def batch_factors(input_rows, output_rows):
+    def batch_factors(input_rows, output_rows, attend_rows):
         group_rows = (input_rows, output_rows, attend_rows)
-        return block.layer_kind.batch_factors(block, group_rows, num_terms, options)
+        return block.layer_kind.batch_factors(
+            block.unstacked(), group_rows, num_terms, options
+        )
 
     if block.grouped:
-        batch_factors = jax.vmap(batch_factors)
-    input_batch, output_batch = batch_factors(input_rows, output_rows)
+        batch_factors = jax.vmap(batch_factors, in_axes=(0, 0, None))
+    batch_factors = over_stack(block, batch_factors)
+    input_batch, output_batch = batch_factors(input_rows, output_rows, attend_rows)
     decay = options.refresh_decay
     return (
         curvature.ema(state.input_factor, input_batch, decay, stats_count),
@@ -217,16 +225,19 @@ def _refreshed_scalings(
     input_rows, output_rows, attend_rows = rows
     input_basis, output_basis, scalings = bases
 
-    def batch_scalings(input_rows, output_rows, input_basis, output_basis):
+    def batch_scalings(input_rows, output_rows, attend_rows, input_basis, output_basis):
         group_rows = (input_rows, output_rows, attend_rows)
         group_bases = (input_basis, output_basis)
         return block.layer_kind.batch_scalings(
-            block, group_rows, group_bases, num_terms, options
+            block.unstacked(), group_rows, group_bases, num_terms, options
         )
 
     if block.grouped:
-        batch_scalings = jax.vmap(batch_scalings)
-    batch = batch_scalings(input_rows, output_rows, input_basis, output_basis)
+        batch_scalings = jax.vmap(batch_scalings, in_axes=(0, 0, None, 0, 0))
+    batch_scalings = over_stack(block, batch_scalings)
+    batch = batch_scalings(
+        input_rows, output_rows, attend_rows, input_basis, output_basis
+    )
     return curvature.ema(scalings, batch, options.refresh_decay, stats_count)
 
 
@@ -239,25 +250,65 @@ def _eigenbases(
 
     With `options.distribute_eigh` and a mesh whose `options.axis_name` has
     `D > 1` devices, each device decomposes about `1/D` of the factors
-    (balanced by `G d³`, `G` groups of `d x d`) and the results are shared.
+    (balanced by `G d³`, `G` groups of `d x d`) and the results are shared;
+    a stacked block's layers are tasks of their own there, and one batched
+    eigh otherwise.
     """
+    distribute = options.distribute_eigh and sharding.axis_size(options.axis_name) > 1
     matrices: list[jax.Array] = []
     costs: list[float] = []
+    stack_dims: list[int] = []  # leading stack axes of each task
     for block in blocks:
         input_factor, output_factor = factors[block.name]
         # A diagonal input factor (embeddings): nothing to decompose.
         own = (output_factor,) if block.diagonal_input else factors[block.name]
-        matrices += own
-        costs += [block.num_groups * factor.shape[-1] ** 3 for factor in own]
+        for factor in own:
+            cost = block.num_groups * factor.shape[-1] ** 3
+            if distribute and block.stack:
+                elements = factor.reshape((-1,) + factor.shape[len(block.stack) :])
+                matrices += list(elements)
+                costs += [cost] * block.num_stacked
+                stack_dims += [0] * block.num_stacked
+            else:
+                matrices.append(factor)
+                costs.append(cost * block.num_stacked)
+                stack_dims.append(len(block.stack))
 
     def eigh(factor):
         return curvature.symmetric_eigh(factor, options.eigh_dtype)
 
-    if options.distribute_eigh:
+    def eigh_of_stack(factor, num_stack_dims):
+        if not num_stack_dims or jax.default_backend() != "cpu":
+            return eigh(factor)
+        # jaxlib's CPU eigh spreads a batch over XLA's intra-op threads and
+        # waits for them: two batched calls running at once can each hold the
+        # thread the other waits for (a deadlock, seen on 2 cores with a
+        # scanned transformer's stacked factors). One layer at a time.
+        stack = factor.shape[:num_stack_dims]
+        flat = factor.reshape((-1,) + factor.shape[num_stack_dims:])
+        return jax.tree.map(
+            lambda result: result.reshape(stack + result.shape[1:]),
+            jax.lax.map(eigh, flat),
+        )
+
+    if distribute:
         decomposed = sharding.map_over_axis(eigh, matrices, costs, options.axis_name)
     else:
-        decomposed = [eigh(matrix) for matrix in matrices]
+        decomposed = [
+            eigh_of_stack(matrix, num_stack_dims)
+            for matrix, num_stack_dims in zip(matrices, stack_dims)
+        ]
     results = iter(decomposed)
+
+    def next_decomposed(block):
+        if not (distribute and block.stack):
+            return next(results)
+        elements = [next(results) for _ in range(block.num_stacked)]
+        return jax.tree.map(
+            lambda *parts: jnp.stack(parts).reshape(block.stack + parts[0].shape),
+            *elements,
+        )
+
     bases = {}
     for block in blocks:
         input_factor, _ = factors[block.name]
@@ -265,8 +316,8 @@ def _eigenbases(
         if block.diagonal_input:
             input_eigenvalues, input_basis = jnp.maximum(input_factor, 0), None
         else:
-            input_eigenvalues, input_basis = next(results)
-        output_eigenvalues, output_basis = next(results)
+            input_eigenvalues, input_basis = next_decomposed(block)
+        output_eigenvalues, output_basis = next_decomposed(block)
         kfac_scalings = curvature.kfac_scalings(input_eigenvalues, output_eigenvalues)
         bases[block.name] = (input_basis, output_basis, kfac_scalings)
     return bases

@@ -8,7 +8,9 @@ import jax
 class BlockState(NamedTuple):
     """The curvature of one block.
 
-    A grouped convolution stacks its groups on a leading axis of every field.
+    A grouped convolution stacks its groups on a leading axis of every field;
+    a stacked block (`Block.stack`, e.g. `L` layers under `nn.scan`) has the
+    stack's axes before those.
 
     Attributes:
         input_factor: `A`, `(input_dim, input_dim)`; for an embedding the

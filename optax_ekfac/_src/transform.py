@@ -18,7 +18,14 @@ import jax.numpy as jnp
 import optax
 
 from optax_ekfac._src import partial, refresh, step_control, validation
-from optax_ekfac._src.blocks import Block, Layers, path_names
+from optax_ekfac._src.blocks import (
+    Block,
+    Layers,
+    block_leaves,
+    block_matrix,
+    over_stack,
+    path_names,
+)
 from optax_ekfac._src.capture import Statistics
 from optax_ekfac._src.curvature import precondition, relative_damping_floor
 from optax_ekfac._src.options import (
@@ -455,15 +462,18 @@ def _preconditioned_blocks(
     directions = {}
     for block in blocks:
         block_state = states[block.name]
-        gradient = block.layer_kind.block_matrix(block, grads)
+        gradient = block_matrix(block, grads)
         floor = relative_damping_floor(block_state.scalings.dtype, options.eigh_dtype)
-        if block.grouped:
-            direction = jax.vmap(precondition, in_axes=(0, 0, None, None))(
-                block_state, gradient, options.damping, floor
-            )
-        else:
-            direction = precondition(block_state, gradient, options.damping, floor)
-        directions.update(block.layer_kind.block_leaves(block, direction, grads))
+
+        def preconditioned(block_state, gradient, block=block, floor=floor):
+            if block.grouped:
+                return jax.vmap(precondition, in_axes=(0, 0, None, None))(
+                    block_state, gradient, options.damping, floor
+                )
+            return precondition(block_state, gradient, options.damping, floor)
+
+        direction = over_stack(block, preconditioned)(block_state, gradient)
+        directions.update(block_leaves(block, direction, grads))
     return directions
 
 

@@ -122,7 +122,7 @@ def checked_leaves(layers: Layers, tree: Any, what: str) -> dict:
 
 def _param_sizes(block: Block) -> tuple[int, ...]:
     """Number of elements of the kernel (and bias) of a block."""
-    features = block.output_dim * block.num_groups
+    features = block.output_dim * block.num_groups * block.num_stacked
     kernel = (block.input_dim - block.has_bias) * features
     return (kernel, features) if block.has_bias else (kernel,)
 
@@ -239,11 +239,28 @@ def check_stats(layers: Layers, stats: Any) -> None:
                 f"{block.name} was called {len(calls)} times in "
                 f"the stats, {block.num_calls} in the layers.",
             )
-        for call, method in zip(calls, block.methods):
+        stack = block.stack
+        for call in calls:
+            leading = {call.inputs.shape[: len(stack)]}
+            leading.add(call.output_grads.shape[: len(stack)])
+            if leading != {stack}:
+                raise error(
+                    SCALE_BY_EKFAC,
+                    f"stats for {block.name} have inputs {call.inputs.shape} and "
+                    f"output gradients {call.output_grads.shape}; its block is "
+                    f"stacked {stack} (one per layer of a scan), so both need "
+                    "these leading axes. Were they captured from another model?",
+                )
+        # What one element of the stack sees (shapes only).
+        elements = [
+            LayerStats(*(_element_shape(leaf, len(stack)) for leaf in call))  # type: ignore[arg-type]
+            for call in calls
+        ]
+        for call, method in zip(elements, block.methods):
             problem = block.layer_kind.misfit(block, call, method)
             if problem is not None:
                 raise error(SCALE_BY_EKFAC, problem)
-        num_examples = sorted({call.inputs.shape[0] for call in calls})
+        num_examples = sorted({call.inputs.shape[0] for call in elements})
         if len(num_examples) > 1 or num_examples[0] < 1:
             raise error(
                 SCALE_BY_EKFAC,
@@ -252,6 +269,11 @@ def check_stats(layers: Layers, stats: Any) -> None:
                 "examples, so they need the same leading (example) axis, of at "
                 "least one example.",
             )
+
+
+def _element_shape(leaf: Any, num_stacked: int) -> jax.ShapeDtypeStruct:
+    """What one element of a stack sees of a stacked statistic."""
+    return jax.ShapeDtypeStruct(leaf.shape[num_stacked:], leaf.dtype)
 
 
 def _check_hyperparameters(options: Options) -> None:

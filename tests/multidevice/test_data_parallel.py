@@ -261,6 +261,21 @@ def _eqns(jaxpr, primitive):
             yield from _eqns(sub, primitive)
 
 
+def device_shares(jaxpr):
+    """The shapes of the factors each device decomposes: the eigh calls of
+    each branch of the one switch on the device index, inside the shard_map."""
+    (shard_map,) = _eqns(jaxpr, "shard_map")
+    (switch,) = [
+        eqn
+        for eqn in _eqns(shard_map.params["jaxpr"], "cond")
+        if len(eqn.params["branches"]) == NUM_DEVICES
+    ]
+    return [
+        sorted(eqn.invars[0].aval.shape for eqn in _eqns(branch.jaxpr, "eigh"))
+        for branch in switch.params["branches"]
+    ]
+
+
 def _cost(shape):
     """`G d³` for `G` factors `d x d`."""
     return math.prod(shape[:-2]) * shape[-1] ** 3
@@ -310,16 +325,7 @@ def test_each_device_decomposes_only_its_share(explicit_step):
         if factor.ndim >= 2  # an embedding's input factor is its diagonal
     ]
 
-    (shard_map,) = _eqns(jaxpr, "shard_map")
-    (switch,) = [
-        eqn
-        for eqn in _eqns(shard_map.params["jaxpr"], "cond")
-        if len(eqn.params["branches"]) == NUM_DEVICES
-    ]
-    shares = [
-        sorted(eqn.invars[0].aval.shape for eqn in _eqns(branch.jaxpr, "eigh"))
-        for branch in switch.params["branches"]
-    ]
+    shares = device_shares(jaxpr)
     # Every factor is decomposed on exactly one device, and nothing else is.
     assert sorted(s for share in shares for s in share) == sorted(factors)
     assert len(list(_eqns(jaxpr, "eigh"))) == len(factors)
