@@ -7,8 +7,7 @@ batch of examples `n` with positions `p` each (input rows `a`, output rows
     A ← EMA  mean_{n,p} a aᵀ                 input factor
     B ← EMA  (1/N) Σ_{n,p} d dᵀ              output factor
     U_A, U_B = eigh(A), eigh(B)              every `eigen_update_every` updates
-    S ← EMA  (1/N) Σ_n (U_Aᵀ G_n U_B)²        scalings, G_n = Σ_p a dᵀ; carried
-                                             into new bases (`carried_scalings`)
+    S ← EMA  (1/N) Σ_n (U_Aᵀ G_n U_B)²        scalings, G_n = Σ_p a dᵀ
     G ↦ U_A [(U_Aᵀ G U_B) / (S + λ')] U_Bᵀ    λ' = max(λ, ρ max S), ρ = 100 eps
 
 `N` is the number of loss terms the loss averages (`Statistics.num_terms`,
@@ -223,35 +222,6 @@ def kfac_scalings(input_eigenvalues: jax.Array, output_eigenvalues: jax.Array):
         output_eigenvalues,
         precision=MATMUL_PRECISION,
     )
-
-
-def carried_scalings(
-    scalings: jax.Array,
-    old_bases: tuple[jax.Array | None, jax.Array],
-    new_bases: tuple[jax.Array | None, jax.Array],
-) -> jax.Array:
-    """The diagonal, in new eigenbases, of the curvature the old eigenbases
-    and scalings describe: `(R_A∘R_A) S (R_B∘R_B)ᵀ` with `R = U_newᵀ U_old`.
-
-    The scalings' running average goes on from these after a basis change
-    rather than restarting from one batch, so a rare input (an example that
-    is in one batch of several) keeps its curvature between the batches that
-    hold it. Input bases are None for a diagonal input factor (embeddings).
-    """
-
-    def einsum(subscripts, *operands):
-        return jnp.einsum(subscripts, *operands, precision=MATMUL_PRECISION)
-
-    def squared_rotation(new_basis, old_basis):
-        return jnp.square(einsum("...ji,...jk->...ik", new_basis, old_basis))
-
-    (old_input, old_output), (new_input, new_output) = old_bases, new_bases
-    output_rotation = squared_rotation(new_output, old_output)
-    scalings = einsum("...io,...po->...ip", scalings, output_rotation)
-    if new_input is None:
-        return scalings
-    input_rotation = squared_rotation(new_input, old_input)
-    return einsum("...ik,...ko->...io", input_rotation, scalings)
 
 
 # --- preconditioning ----------------------------------------------------------

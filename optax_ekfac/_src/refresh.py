@@ -6,9 +6,8 @@ the current eigenbases (`curvature.py` does the math); for the parameters no
 block owns, the running average of `N g²`.
 
 The running averages are bias-corrected, so after the first update they hold
-exactly the first batch's estimates. When the eigenbases change, the scalings'
-average goes on from the old estimate's diagonal in the new bases
-(`carried_scalings`). Factors and scalings are refreshed every `stats_update_every`
+exactly the first batch's estimates; the scalings restart whenever the basis
+changes. Factors and scalings are refreshed every `stats_update_every`
 updates and the eigenbases every `eigen_update_every`; both are `lax.cond`s
 on the count (`Schedule`), so one compiled step serves every step.
 """
@@ -34,15 +33,20 @@ class Schedule(NamedTuple):
     refresh_stats: jax.Array
     refresh_eigen: jax.Array
     stats_count: jax.Array
+    scalings_count: jax.Array
 
 
 def schedule(state: ScaleByEkfacState, finite: jax.Array, options: Options) -> Schedule:
     """Refresh the statistics every `stats_update_every` updates and the
-    eigenbases every `eigen_update_every` (never on a non-finite step)."""
+    eigenbases every `eigen_update_every` (never on a non-finite step); the
+    scalings restart with new eigenbases."""
     refresh_stats = finite & (state.count % options.stats_update_every == 0)
     refresh_eigen = refresh_stats & (state.count % options.eigen_update_every == 0)
     stats_count = state.stats_count + refresh_stats.astype(jnp.int32)
-    return Schedule(refresh_stats, refresh_eigen, stats_count)
+    scalings_count = jnp.where(
+        refresh_eigen, 0, state.scalings_count
+    ) + refresh_stats.astype(jnp.int32)
+    return Schedule(refresh_stats, refresh_eigen, stats_count, scalings_count)
 
 
 def maybe_refreshed(
@@ -149,24 +153,12 @@ def refreshed_blocks(
             for name, state in states.items()
         }
 
-    def rebased(factors):
-        bases = _eigenbases(blocks, factors, options)
-        if not options.eigenvalue_correction:
-            return bases
-        return {
-            name: (
-                input_basis,
-                output_basis,
-                curvature.carried_scalings(
-                    states[name].scalings,
-                    (states[name].input_eigenbasis, states[name].output_eigenbasis),
-                    (input_basis, output_basis),
-                ),
-            )
-            for name, (input_basis, output_basis, _) in bases.items()
-        }
-
-    bases = jax.lax.cond(schedule.refresh_eigen, rebased, keep, factors)
+    bases = jax.lax.cond(
+        schedule.refresh_eigen,
+        lambda factors: _eigenbases(blocks, factors, options),
+        keep,
+        factors,
+    )
     refreshed = {}
     for block in blocks:
         input_basis, output_basis, scalings = bases[block.name]
@@ -177,7 +169,7 @@ def refreshed_blocks(
                 bases[block.name],
                 stats.num_sampled_terms,
                 options,
-                schedule.stats_count,
+                schedule.scalings_count,
             )
         refreshed[block.name] = BlockState(
             *factors[block.name], input_basis, output_basis, scalings
@@ -219,7 +211,7 @@ def _refreshed_scalings(
     bases: BasesAndScalings,
     num_terms: Any,
     options: Options,
-    stats_count: jax.Array,
+    scalings_count: jax.Array,
 ) -> jax.Array:
     """The running average of `S` in the current eigenbases after one batch."""
     input_rows, output_rows, attend_rows = rows
@@ -238,7 +230,7 @@ def _refreshed_scalings(
     batch = batch_scalings(
         input_rows, output_rows, attend_rows, input_basis, output_basis
     )
-    return curvature.ema(scalings, batch, options.refresh_decay, stats_count)
+    return curvature.ema(scalings, batch, options.refresh_decay, scalings_count)
 
 
 def _eigenbases(

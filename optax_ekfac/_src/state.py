@@ -42,7 +42,8 @@ class ScaleByEkfacState(NamedTuple):
             statistics) does not count, so the amortization schedule and the
             bias correction continue as if it never happened.
         stats_count: statistics refreshes so far (bias correction of the
-            factors, the scalings and `second_moments`).
+            factors and of `second_moments`).
+        scalings_count: scalings refreshes since the eigenbases last changed.
         skipped_steps: steps skipped so far because their gradients or
             statistics held a NaN or an infinity.
         blocks: block name -> `BlockState`.
@@ -52,6 +53,7 @@ class ScaleByEkfacState(NamedTuple):
 
     count: jax.Array  # type: ignore[assignment]  # shadows tuple.count
     stats_count: jax.Array
+    scalings_count: jax.Array
     skipped_steps: jax.Array
     blocks: dict[str, BlockState]
     second_moments: dict[str, jax.Array]

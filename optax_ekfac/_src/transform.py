@@ -421,8 +421,12 @@ def _initial_state(
     }
     # One array per counter: a state holding one buffer twice cannot be
     # donated (jit(..., donate_argnums=...)).
-    count, stats_count, skipped_steps = (jnp.zeros([], jnp.int32) for _ in range(3))
-    return ScaleByEkfacState(count, stats_count, skipped_steps, blocks, second_moments)
+    count, stats_count, scalings_count, skipped_steps = (
+        jnp.zeros([], jnp.int32) for _ in range(4)
+    )
+    return ScaleByEkfacState(
+        count, stats_count, scalings_count, skipped_steps, blocks, second_moments
+    )
 
 
 def _checked_inputs(
@@ -510,6 +514,7 @@ def _next_state(
     return ScaleByEkfacState(
         count=jnp.where(finite, optax.safe_increment(state.count), state.count),
         stats_count=schedule.stats_count,
+        scalings_count=schedule.scalings_count,
         skipped_steps=jnp.where(
             finite, state.skipped_steps, optax.safe_increment(state.skipped_steps)
         ),
