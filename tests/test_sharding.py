@@ -1,4 +1,5 @@
-"""Data parallelism on several devices: `tests/multidevice` in a process of its own.
+"""Data parallelism on several devices: each file of `tests/multidevice` in a process
+of its own.
 
 JAX fixes its devices when it starts, and the rest of the suite runs on one,
 so the multi-device tests run in a fresh Python with 4 fake CPU devices
@@ -10,11 +11,28 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 NUM_DEVICES = 4
 
 
-def test_multidevice_suite():
+MULTIDEVICE_FILES = sorted(
+    path.name for path in (ROOT / "tests" / "multidevice").glob("test_*.py")
+)
+
+
+def test_every_multidevice_file_is_run():
+    assert set(MULTIDEVICE_FILES) >= {
+        "test_benchmark.py",
+        "test_data_parallel.py",
+        "test_scanned.py",
+    }
+
+
+# One process per file, so that the test run's workers share them out.
+@pytest.mark.parametrize("name", MULTIDEVICE_FILES)
+def test_multidevice_suite(name):
     flags = os.environ.get("XLA_FLAGS", "")
     env = dict(
         os.environ,
@@ -29,7 +47,7 @@ def test_multidevice_suite():
             "-q",
             "-p",
             "no:cacheprovider",
-            str(ROOT / "tests" / "multidevice"),
+            str(ROOT / "tests" / "multidevice" / name),
         ],
         cwd=ROOT,
         env=env,
