@@ -247,6 +247,79 @@ def test_scanned_update_equals_the_unrolled_twins(layout, scalings, fisher_type)
     chex.assert_shape(distances[stacked[0].name].ekfac, ())
 
 
+
+class KindsBlock(nn.Module):
+    """A block with a grouped convolution over positions, or an embedding of
+    the tokens the scan broadcasts to every layer beside a Dense."""
+
+    kind: str
+
+    @nn.compact
+    def __call__(self, x, tokens):
+        if self.kind == "grouped_conv":
+            hidden = nn.Conv(FEATURES, (3,), feature_group_count=2, name="conv")(x)
+        else:
+            embedded = nn.Embed(VOCABULARY, FEATURES, name="embed")(tokens)
+            hidden = embedded + nn.Dense(FEATURES, name="dense")(x)
+        return x + jnp.tanh(hidden), None
+
+
+class KindsModel(nn.Module):
+    kind: str
+    scanned: bool
+
+    @nn.compact
+    def __call__(self, tokens):
+        x = nn.Embed(VOCABULARY, FEATURES, name="embed")(tokens)
+        if self.scanned:
+            scan = nn.scan(
+                KindsBlock,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=nn.broadcast,
+                length=NUM_LAYERS,
+            )
+            x, _ = scan(self.kind, name="blocks")(x, tokens)
+        else:
+            for layer in range(NUM_LAYERS):
+                x, _ = KindsBlock(self.kind, name=f"block_{layer}")(x, tokens)
+        return nn.Dense(VOCABULARY, name="head")(x)
+
+
+@pytest.mark.parametrize("kind", ["grouped_conv", "embed"])
+def test_grouped_conv_and_embed_in_a_scan_equal_the_unrolled_twins(kind):
+    """Grouped blocks (a vmap over groups inside the vmap over layers) and
+    diagonal input factors (token ids) stacked by a scan: two refreshes of
+    the scanned model give the unrolled twin's updates, layer by layer."""
+    batch = _batch()
+    unrolled_params = KindsModel(kind, scanned=False).init(
+        jax.random.key(3), batch[0]
+    )["params"]
+    unrolled_params = jax.tree.map(
+        lambda leaf: leaf.astype(jnp.float64), unrolled_params
+    )
+    updates = {}
+    for scanned in (False, True):
+        model = KindsModel(kind, scanned)
+        params = unrolled_params
+        if scanned:
+            params = _scanned_params(unrolled_params, "scan")
+        curvature = oek.Curvature(_loss_fn(model))
+        layers = curvature.layers(params, *batch)
+        tx = oek.scale_by_ekfac(layers, **SETTINGS)
+        state = tx.init(params)
+        step = jax.jit(curvature.value_grad_and_stats)
+        for seed in (0, 1):
+            _, grads, stats = step(params, *_batch(seed))
+            updates[scanned], state = tx.update(grads, state, params, stats=stats)
+        if scanned:
+            assert [block.stack for block in layers.blocks if block.stack] == [
+                (NUM_LAYERS,)
+            ] * (1 if kind == "grouped_conv" else 2)
+    chex.assert_trees_all_close(
+        _unrolled(updates[True]), updates[False], rtol=1e-8, atol=1e-12
+    )
+
 def test_adaptive_ekfac_on_a_scanned_model_equals_the_unrolled_twins():
     unrolled_params = _init("unrolled")
     params = _scanned_params(unrolled_params, "scan")
