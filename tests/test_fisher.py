@@ -293,6 +293,54 @@ def test_factors_average_to_the_exact_fisher_factors(name, x_shape, miscaled_by)
         chex.assert_trees_all_close(exact[1][0].mean(0), jnp.eye(3), atol=1e-12)
 
 
+
+@pytest.mark.parametrize("scales", [(2.0, 0.5), (1.0, 1.0)])
+def test_sampled_fisher_is_that_of_the_loss_loss_fn_returns(scales):
+    """`loss_fn` returns `c1 * cross-entropy + c2 * squared error` of two
+    heads: the sampled output gradients' second moment is, per example, `N`
+    times the Hessian of the returned mean loss with respect to the outputs
+    (the Gauss-Newton matrix of that loss at the outputs: the Fisher of the
+    helpers' distributions, each times its factor)."""
+    class_scale, error_scale = scales
+    model, x, params, _ = _setup((6, 4), (NUM_EXAMPLES, 5))
+    y = jnp.stack([jnp.arange(NUM_EXAMPLES) % 2, jnp.ones(NUM_EXAMPLES) * 0.5], 1)
+    y = jnp.concatenate([y, jnp.zeros((NUM_EXAMPLES, 1))], 1)
+
+    def losses_of_outputs(outputs, y):
+        classes = oek.softmax_cross_entropy(outputs[:, :2], y[:, 0].astype(int))
+        errors = oek.squared_error(outputs[:, 2:], y[:, 1:])
+        return class_scale * classes + error_scale * errors
+
+    curvature = oek.Curvature(
+        _loss_fn(model, losses_of_outputs),
+        has_aux=True,
+        fisher_type="mc",
+        num_samples=NUM_SAMPLES,
+    )
+    keys = jax.random.split(jax.random.key(5), NUM_KEYS)
+    output_grads = jax.jit(
+        jax.vmap(
+            lambda key: curvature.value_grad_and_stats(params, x, y, key=key)[2]
+            .layers["dense_1"][0]
+            .output_grads
+        )
+    )(keys)
+    draws = output_grads.reshape(NUM_KEYS * NUM_SAMPLES, NUM_EXAMPLES, 4)
+    products = jnp.einsum("kni,knj->knij", draws, draws)
+    sampled = products.mean(0)
+    tolerance = 5 * products.std(0) / np.sqrt(len(products)) + 1e-12
+
+    # Brute force: the Hessian of the returned mean loss at the outputs.
+    outputs = model.apply({"params": params}, x)
+    hessian = jax.hessian(lambda outputs: losses_of_outputs(outputs, y).mean())(outputs)
+    exact = NUM_EXAMPLES * jnp.einsum("ninj->nij", hessian)
+    np.testing.assert_array_less(jnp.abs(sampled - exact), tolerance)
+    if scales != (1.0, 1.0):
+        # Helpers' own Fisher, the factors left out: far outside the tolerance.
+        unscaled = exact.at[:, :2, :2].divide(class_scale)
+        unscaled = unscaled.at[:, 2:, 2:].divide(error_scale)
+        assert np.any(jnp.abs(sampled - unscaled) > tolerance)
+
 def test_mc_without_a_key_samples_by_the_batch_and_needs_a_loss_helper():
     loss, features = CATEGORICAL
     model, x, params, _ = _setup(features, (NUM_EXAMPLES, 5))

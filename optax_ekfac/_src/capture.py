@@ -13,9 +13,11 @@ per-example output gradient `d_n = dl_n/dy_n` that the Fisher needs.
 
 For the Monte-Carlo Fisher (`fisher_type="mc"`) the loss helpers, while
 `loss_fn` runs, also record the losses `l̃` of labels sampled from their own
-predictions (see `losses.py`). One `jax.vjp` of `(l, Σ_n l̃ per sample)` then
-serves two backward passes: `mean(l)` gives the gradients, and each sample's
-sum (vmapped over the samples) gives the per-example `d̃_n = dl̃_n/dy_n`.
+predictions (see `losses.py`). One `jax.vjp` of `(l, l̃)` then serves two
+backward passes: `mean(l)` gives the gradients and the slope `s` of the loss
+with respect to each helper's losses, and each sample's `l̃` with cotangent
+`√(N s)` (one sample at a time) gives the per-example `d̃_n = √(N s_n) dl̃_n/dy_n`
+(`dl̃_n/dy_n` where `loss_fn` averages the helpers' losses as they are).
 
 A layer called under a JAX transformation inside `loss_fn` (`nn.remat`,
 `nn.scan`, `nn.vmap`, `jax.checkpoint`, their nnx counterparts) cannot hand
@@ -55,6 +57,7 @@ from optax_ekfac._src.blocks import (
 from optax_ekfac._src.kinds import SUPPORTED
 from optax_ekfac._src.loss_model import LossModel
 from optax_ekfac._src.losses import recorded_weights, sampling
+from optax_ekfac._src.sharding import sharding_of
 
 FisherType = Literal["empirical", "mc"]
 FISHER_TYPES = get_args(FisherType)
@@ -642,10 +645,10 @@ class Curvature:
         """
         num_samples = self.num_samples
 
-        def losses_and_sampled(params, perturbations):
+        def run(params, perturbations, loss_perturbations):
             interceptor = _Interceptor(perturbations[0])
             interceptor.entries = perturbations[1]
-            with sampling(key, num_samples) as sampled:
+            with sampling(key, num_samples, loss_perturbations) as sampled:
                 losses, aux = self._losses(params, batch, interceptor)
             if not sampled.losses:
                 raise ValueError(
@@ -655,30 +658,51 @@ class Curvature:
                     "sigmoid_binary_cross_entropy). Compute the losses with "
                     "them, or use fisher_type='empirical'."
                 )
-            # Sample s's objective sums every helper's sampled losses: its
-            # cotangent of 1 gives each example its own dl̃_n/dy_n.
-            sampled_sums = sum(
-                losses.reshape(num_samples, -1).sum(1) for losses in sampled.losses
-            )
             recorded = (tuple(interceptor.inputs), aux, interceptor.weights_sum)
-            return (losses, sampled_sums), recorded
+            return (losses, tuple(sampled.losses)), recorded
 
-        (losses, sampled_sums), backward, (direct_inputs, aux, weights_sum) = jax.vjp(
-            losses_and_sampled, params, perturbations, has_aux=True
+        # The helpers' sampled losses are [S, *their losses' shape]: shapes of
+        # the zeros added to the losses they return.
+        sampled_shapes = jax.eval_shape(
+            lambda params: run(params, perturbations, None)[0][1], params
+        )
+        loss_perturbations = tuple(
+            jnp.zeros(shape.shape[1:], shape.dtype) for shape in sampled_shapes
+        )
+        (losses, sampled_losses), backward, (direct_inputs, aux, weights_sum) = (
+            jax.vjp(run, params, perturbations, loss_perturbations, has_aux=True)
         )
         # full_like: a cotangent has the losses' type, sharding included.
         mean_cotangent = jnp.full_like(losses, 1 / losses.size)
-        grads, cotangents = backward((mean_cotangent, jnp.zeros_like(sampled_sums)))
+        no_samples = tuple(jnp.zeros_like(sampled) for sampled in sampled_losses)
+        grads, cotangents, slopes = backward((mean_cotangent, no_samples))
         inputs, _ = _per_call(calls, direct_inputs, cotangents)
+        # A term's sampled gradient weighs √(N dL/dl): the Fisher of `c l` is
+        # `c` times that of `l`. A negative slope (a loss_fn that subtracts a
+        # helper's losses) has no Fisher: those terms are left out.
+        num_terms = losses.size if weights_sum is None else weights_sum
+        sampled_scales = tuple(
+            jnp.sqrt(jnp.maximum(num_terms * slope, 0)) for slope in slopes
+        )
 
         def sampled_output_grads(sample_indicator):
-            cotangents = backward((jnp.zeros_like(losses), sample_indicator))[1]
+            # In the sampled losses' type: under an explicit mesh a cotangent
+            # must carry its output's sharding.
+            sample_cotangents = tuple(
+                jnp.broadcast_to(
+                    sample_indicator.reshape((-1,) + (1,) * scale.ndim) * scale,
+                    sampled.shape,
+                    out_sharding=sharding_of(sampled),
+                )
+                for scale, sampled in zip(sampled_scales, sampled_losses)
+            )
+            cotangents = backward((jnp.zeros_like(losses), sample_cotangents))[1]
             return _per_call(calls, direct_inputs, cotangents)[1]
 
         # Their parameter cotangents are unused: jit removes them. A loop, not
         # vmap: JAX cannot batch the transposed convolutions of a sharded batch.
         stacked = jax.lax.map(
-            sampled_output_grads, jnp.eye(num_samples, dtype=sampled_sums.dtype)
+            sampled_output_grads, jnp.eye(num_samples, dtype=losses.dtype)
         )
         output_grads = tuple(
             _samples_as_examples(g, len(call.stack)) for g, call in zip(stacked, calls)

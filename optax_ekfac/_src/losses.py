@@ -26,6 +26,15 @@ helper got weights, averages the returned losses as `Σ w l / Σ w`, with
 sampled loss of the Monte-Carlo Fisher is recorded as `√w l̃`, so that its
 Fisher is `(1/Σ w) Σ w F_n`, that of the weighted loss.
 
+What `loss_fn` does with a helper's losses afterwards (`2 * squared_error(...)`,
+a sum of two helpers with their own factors) is part of the loss too: the
+capture also adds a zero to each helper's returned losses
+(`sampling(..., loss_perturbations)`), reads the slope `dL/dl` of every term
+from the data's backward pass, and weighs that term's sampled output gradient
+by `√(N dL/dl)` (1 when `loss_fn` averages the helpers' losses as they are).
+The sampled Fisher is then the Gauss-Newton matrix of the loss `loss_fn`
+returns: `c` times the helper's for a factor `c`.
+
 For the quadratic model of the adaptive `ekfac` (`LossModel`), the capture
 runs `loss_fn` inside `marked_predictions(perturbations)`: every helper call
 records its predictions (the model outputs the Gauss-Newton curvature is
@@ -59,6 +68,7 @@ class Sampling:
 
     key: jax.Array
     num_samples: int
+    loss_perturbations: tuple[jax.Array, ...] | None = None
     losses: list[jax.Array] = dataclasses.field(default_factory=list)
 
 
@@ -68,12 +78,20 @@ _ACTIVE_SAMPLING: contextvars.ContextVar[Sampling | None] = contextvars.ContextV
 
 
 @contextlib.contextmanager
-def sampling(key: jax.Array, num_samples: int) -> Iterator[Sampling]:
+def sampling(
+    key: jax.Array,
+    num_samples: int,
+    loss_perturbations: tuple[jax.Array, ...] | None = None,
+) -> Iterator[Sampling]:
     """Makes the loss helpers record losses of sampled labels.
 
     Args:
         key: a `jax.random` key.
         num_samples: label samples per loss term.
+        loss_perturbations: one array per helper call, of its losses' shape,
+            added to the losses it returns (zeros: their cotangents are the
+            slopes `dL/dl` of what `loss_fn` does with them); None adds
+            nothing.
 
     Yields:
         The `Sampling` whose `losses` the helpers called inside append to.
@@ -86,7 +104,7 @@ def sampling(key: jax.Array, num_samples: int) -> Iterator[Sampling]:
         >>> [sampled.shape for sampled in labels.losses]
         [(2, 4)]
     """
-    active = Sampling(key, num_samples)
+    active = Sampling(key, num_samples, loss_perturbations)
     token = _ACTIVE_SAMPLING.set(active)
     try:
         yield active
@@ -197,17 +215,19 @@ def _weighted(
     weights,
 ) -> jax.Array:
     """The helpers' common tail: marks the predictions, records sampled
-    losses (scaled by `√w`) and returns `w * losses(marked predictions)`."""
+    losses (scaled by `√w`) and returns `w * losses(marked predictions)`
+    (plus the sampling's loss perturbation)."""
     predictions = _marked(predictions)
     result = losses(predictions)
     term_weights = _term_weights(name, result, weights)
-    _record_sampled_losses(
+    perturbation = _record_sampled_losses(
         predictions,
         sample,
         negative_log_likelihood,
         None if term_weights is None else jnp.sqrt(term_weights),
     )
-    return result if term_weights is None else term_weights * result
+    result = result if term_weights is None else term_weights * result
+    return result if perturbation is None else result + perturbation
 
 
 def _marked(predictions: jax.Array) -> jax.Array:
@@ -228,7 +248,7 @@ def _record_sampled_losses(
     sample: Callable[[jax.Array, jax.Array, int], jax.Array],
     negative_log_likelihood: Callable[[jax.Array, jax.Array], jax.Array],
     scale: jax.Array | None = None,
-) -> None:
+) -> jax.Array | None:
     """Inside `sampling`: records the losses of labels sampled from predictions.
 
     Args:
@@ -237,14 +257,21 @@ def _record_sampled_losses(
             with `distribution` the predictions with gradients stopped.
         negative_log_likelihood: the helper's loss of one label array.
         scale: per-term factors of the sampled losses (`√w`), or None.
+
+    Returns:
+        This helper call's loss perturbation, or None.
     """
     active = _ACTIVE_SAMPLING.get()
     if active is None:
-        return
-    key = jax.random.fold_in(active.key, len(active.losses))
+        return None
+    index = len(active.losses)
+    key = jax.random.fold_in(active.key, index)
     labels = sample(key, jax.lax.stop_gradient(predictions), active.num_samples)
     sampled = jax.vmap(negative_log_likelihood, in_axes=(None, 0))(predictions, labels)
     active.losses.append(sampled if scale is None else scale * sampled)
+    if active.loss_perturbations is None:
+        return None
+    return active.loss_perturbations[index]
 
 
 def softmax_cross_entropy(
