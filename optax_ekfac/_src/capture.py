@@ -678,8 +678,9 @@ class Curvature:
         grads, cotangents, slopes = backward((mean_cotangent, no_samples))
         inputs, _ = _per_call(calls, direct_inputs, cotangents)
         # A term's sampled gradient weighs √(N dL/dl): the Fisher of `c l` is
-        # `c` times that of `l`. A negative slope (a loss_fn that subtracts a
-        # helper's losses) has no Fisher: those terms are left out.
+        # `c` times that of `l` (`√w` for weights). A negative slope (a loss_fn
+        # that subtracts a helper's losses) has no Fisher: those terms are
+        # left out.
         num_terms = losses.size if weights_sum is None else weights_sum
         sampled_scales = tuple(
             jnp.sqrt(jnp.maximum(num_terms * slope, 0)) for slope in slopes

@@ -22,18 +22,17 @@ Every helper takes optional per-term `weights` (a 0/1 padding mask, or
 non-negative weights, of the losses' shape) and returns the weighted losses
 `w l`; the capture runs `loss_fn` inside `recorded_weights()` and, when a
 helper got weights, averages the returned losses as `Σ w l / Σ w`, with
-`Σ w` loss terms (`Statistics.num_terms`: the real terms of a mask). A
-sampled loss of the Monte-Carlo Fisher is recorded as `√w l̃`, so that its
-Fisher is `(1/Σ w) Σ w F_n`, that of the weighted loss.
+`Σ w` loss terms (`Statistics.num_terms`: the real terms of a mask).
 
-What `loss_fn` does with a helper's losses afterwards (`2 * squared_error(...)`,
-a sum of two helpers with their own factors) is part of the loss too: the
-capture also adds a zero to each helper's returned losses
+The Monte-Carlo Fisher is that of the loss `loss_fn` returns, weights and
+whatever `loss_fn` does with a helper's losses afterwards
+(`2 * squared_error(...)`, a sum of two helpers with their own factors)
+included: the capture adds a zero to each helper's unweighted losses
 (`sampling(..., loss_perturbations)`), reads the slope `dL/dl` of every term
 from the data's backward pass, and weighs that term's sampled output gradient
-by `√(N dL/dl)` (1 when `loss_fn` averages the helpers' losses as they are).
-The sampled Fisher is then the Gauss-Newton matrix of the loss `loss_fn`
-returns: `c` times the helper's for a factor `c`.
+by `√(N dL/dl)`. That is `√w` for weights alone (the Fisher
+`(1/Σ w) Σ w F_n` of the weighted loss), 1 when `loss_fn` averages the
+helpers' losses as they are, and `c` times the helper's Fisher for a factor `c`.
 
 For the quadratic model of the adaptive `ekfac` (`LossModel`), the capture
 runs `loss_fn` inside `marked_predictions(perturbations)`: every helper call
@@ -89,8 +88,8 @@ def sampling(
         key: a `jax.random` key.
         num_samples: label samples per loss term.
         loss_perturbations: one array per helper call, of its losses' shape,
-            added to the losses it returns (zeros: their cotangents are the
-            slopes `dL/dl` of what `loss_fn` does with them); None adds
+            added to its losses before their weights (zeros: their cotangents
+            are the slopes `dL/dl` of the loss `loss_fn` returns); None adds
             nothing.
 
     Yields:
@@ -215,19 +214,17 @@ def _weighted(
     weights,
 ) -> jax.Array:
     """The helpers' common tail: marks the predictions, records sampled
-    losses (scaled by `√w`) and returns `w * losses(marked predictions)`
-    (plus the sampling's loss perturbation)."""
+    losses and returns `w * losses(marked predictions)` (the losses plus the
+    sampling's loss perturbation, if any, before the weights)."""
     predictions = _marked(predictions)
     result = losses(predictions)
     term_weights = _term_weights(name, result, weights)
     perturbation = _record_sampled_losses(
-        predictions,
-        sample,
-        negative_log_likelihood,
-        None if term_weights is None else jnp.sqrt(term_weights),
+        predictions, sample, negative_log_likelihood
     )
-    result = result if term_weights is None else term_weights * result
-    return result if perturbation is None else result + perturbation
+    if perturbation is not None:
+        result = result + perturbation
+    return result if term_weights is None else term_weights * result
 
 
 def _marked(predictions: jax.Array) -> jax.Array:
@@ -247,7 +244,6 @@ def _record_sampled_losses(
     predictions: jax.Array,
     sample: Callable[[jax.Array, jax.Array, int], jax.Array],
     negative_log_likelihood: Callable[[jax.Array, jax.Array], jax.Array],
-    scale: jax.Array | None = None,
 ) -> jax.Array | None:
     """Inside `sampling`: records the losses of labels sampled from predictions.
 
@@ -256,7 +252,6 @@ def _record_sampled_losses(
         sample: `sample(key, distribution, num_samples)` -> `[S, ...]` labels,
             with `distribution` the predictions with gradients stopped.
         negative_log_likelihood: the helper's loss of one label array.
-        scale: per-term factors of the sampled losses (`√w`), or None.
 
     Returns:
         This helper call's loss perturbation, or None.
@@ -268,7 +263,7 @@ def _record_sampled_losses(
     key = jax.random.fold_in(active.key, index)
     labels = sample(key, jax.lax.stop_gradient(predictions), active.num_samples)
     sampled = jax.vmap(negative_log_likelihood, in_axes=(None, 0))(predictions, labels)
-    active.losses.append(sampled if scale is None else scale * sampled)
+    active.losses.append(sampled)
     if active.loss_perturbations is None:
         return None
     return active.loss_perturbations[index]
