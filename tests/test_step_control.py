@@ -800,6 +800,57 @@ def test_a_nan_loss_after_the_step_rejects_it(first):
     assert_close(new_state.damping, INITIAL_DAMPING * 10)
 
 
+def fitted_float32_batch(case):
+    """A float32 batch whose predicted change is below its loss's round-off:
+    `"fitted"`, a cross-entropy of exactly 0 (logits 30 apart; the gradient
+    is about 1e-13); `"offset"`, squared errors of 1e-12 under a constant
+    loss of 1000 added to each term."""
+    labels = jnp.array([0, 1, 2, 1])
+    x = jax.nn.one_hot(labels, 3, dtype=jnp.float32)
+    model = nn.Dense(3)
+    if case == "fitted":
+        kernel = 30 * jnp.eye(3, dtype=jnp.float32)
+
+        def loss_fn(params, x, labels):
+            return oek.softmax_cross_entropy(model.apply({"params": params}, x), labels)
+
+    else:
+        kernel = (1 + 1e-6) * jnp.eye(3, dtype=jnp.float32)
+
+        def loss_fn(params, x, labels):
+            outputs = model.apply({"params": params}, x)
+            return oek.squared_error(outputs, x) + 1000.0
+
+    return {"kernel": kernel, "bias": jnp.zeros(3, jnp.float32)}, loss_fn, (x, labels)
+
+
+@pytest.mark.parametrize("case", ["fitted", "offset"])
+def test_a_step_below_the_losss_round_off_is_taken_unjudged(case):
+    """Where the batch's loss cannot show the predicted decrease (below 100
+    eps of the loss, or a loss of exactly 0), `ρ` would be round-off over
+    round-off (0 where the fitted batch's loss stays 0, which read as a
+    step that raised the loss: rejected and the damping ten times larger):
+    the step is taken, and the damping, the ratio and the counts of
+    rejected and skipped steps stay as they were."""
+    params, loss_fn, batch = fitted_float32_batch(case)
+    curvature = oek.Curvature(loss_fn)
+    tx = oek.ekfac(curvature.layers(params, *batch))
+    loss, grads, stats = jax.jit(curvature.value_grad_and_stats)(params, *batch)
+    state = tx.init(params)
+    updates, new_state = jax.jit(tx.update)(grads, state, params, stats=stats)
+    if case == "fitted":
+        assert loss == 0 and 0 < np.max(np.abs(flat(grads))) < 1e-10
+    else:
+        assert -new_state.model_change <= 100 * np.finfo(np.float32).eps * loss
+    assert new_state.damping == state.damping
+    assert np.isnan(new_state.reduction_ratio)
+    assert new_state.rejected_steps == 0
+    assert new_state.preconditioner.skipped_steps == 0
+    assert new_state.model_change < 0
+    assert np.all(np.isfinite(flat(updates))) and np.any(flat(updates) != 0)
+    chex.assert_trees_all_equal(updates, new_state.velocity)
+
+
 @pytest.mark.parametrize("ratio", [0.9, 0.1])
 def test_adapted_damping_stays_within_its_range(first, ratio):
     """`min_damping = max_damping`: clipped back whichever way it moves."""

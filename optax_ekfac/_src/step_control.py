@@ -31,6 +31,10 @@ needed (see the step-control note):
   on it (`ρ ≈ 1`) and wrong for the data: with a batch of one example, the
   step fits that example.
 
+A step whose predicted decrease the loss cannot show (below `100 eps |L|`,
+or a loss of exactly 0: a batch already fitted) is taken without either
+test, and the damping is left as it is: its `ρ` would be round-off.
+
 The step costs the preconditioner, one linearization of the model's outputs
 with two tangents, two products with the loss's Hessian at the outputs and,
 on adaptation steps, two forward passes (at `θ + u` and `θ - δ`).
@@ -67,6 +71,10 @@ _MIN_ACCEPTED_RATIO = 0.1
 # by too little (0 < ρ ≤ 0.1) keeps 1/ω: tenfold there cost the CNN benchmark
 # 10-20 steps after one such first step.
 _REJECTION_DAMPING_GROWTH = 10.0
+# Two forward passes (the statistics' and the ratio's) round the same loss
+# differently by a few eps · |L|: a predicted change below this many eps · |L|
+# is not judged (see `_resolvable`).
+_RESOLUTION = 100.0
 # The previous step may raise a fresh batch's loss by this fraction before
 # the damping grows: beyond it, the step fitted its own batch and hurt the
 # data (batch 1); below it, batch-to-batch noise (0.01 slowed batch-256 runs
@@ -182,7 +190,11 @@ def adaptive(
         model_change += jnp.sum(coefficients * gradient_products)
         finite = jnp.logical_not(skipped) & jnp.isfinite(model_change)
         count = state.preconditioner.count
-        due = finite & (count % adaptation.damping_adaptation_interval == 0)
+        due = (
+            finite
+            & _resolvable(model_change, model.loss)
+            & (count % adaptation.damping_adaptation_interval == 0)
+        )
         ratio, fresh_change = _ratios(model, step, state, model_change, due)
         # The trust-region test: a step whose batch loss fell by a tenth of the
         # predicted decrease or less (or rose, or is NaN) is not taken.
@@ -271,6 +283,21 @@ def _coefficients(
     beta = jnp.where(solvable, (c[0, 1] * b[0] - c[0, 0] * b[1]) / safe, 0)
     beta = jnp.clip(beta, 0, adaptation.max_momentum)
     return jnp.stack([alpha_given(beta), beta])
+
+
+def _resolvable(model_change: jax.Array, loss: jax.Array) -> jax.Array:
+    """Whether the batch's loss can show the predicted change: a decrease
+    above the loss's float round-off, `_RESOLUTION · eps · |L|`, and a loss
+    that is not exactly zero.
+
+    Below that, `ρ` is round-off over round-off. A batch the model already
+    fits (a float32 cross-entropy of exactly 0, its gradient 1e-13) predicts
+    a change of 1e-26, sees none, and its `ρ = 0` would reject the step and
+    grow the damping tenfold; such a step is tiny, so it is taken unjudged.
+    """
+    eps = jnp.finfo(model_change.dtype).eps
+    loss = jnp.abs(loss).astype(model_change.dtype)
+    return (-model_change > _RESOLUTION * eps * loss) & (loss != 0)
 
 
 def _ratios(model, step, state, model_change, due) -> tuple[jax.Array, jax.Array]:
