@@ -292,7 +292,7 @@ def _resolvable(model_change: jax.Array, loss: jax.Array) -> jax.Array:
 
     Below that, `ρ` is round-off over round-off. A batch the model already
     fits (a float32 cross-entropy of exactly 0, its gradient 1e-13) predicts
-    a change of 1e-26, sees none, and its `ρ = 0` would reject the step and
+    a change of about 1e-23, sees none, and its `ρ = 0` would reject the step and
     grow the damping tenfold; such a step is tiny, so it is taken unjudged.
     """
     eps = jnp.finfo(model_change.dtype).eps
