@@ -10,6 +10,9 @@ Pinned here:
   the initial damping, `α` the minimizer of the damped quadratic model;
 * a later update is `α Δ + β δ` from the damped 2x2 system, `β` clipped to
   `[0, max_momentum]` (then `α` solved again), or a fixed `momentum`;
+* where that model promises a decrease larger than the batch's loss (softmax
+  cross-entropy on its flat tail), `(α, β)` scaled down to promise the loss
+  exactly, in float64 and in a jitted float32 update;
 * the Levenberg-Marquardt damping: the reduction ratio `ρ`, the factor
   `ω = damping_decay ** interval` and its direction, the `[1/4, 3/4]` band
   where nothing changes, the `[min_damping, max_damping]` clip, the interval,
@@ -32,6 +35,7 @@ the tests (module fixtures).
 import dataclasses
 import functools
 from types import SimpleNamespace
+from typing import Any
 
 import chex
 import flax.linen as nn
@@ -59,13 +63,14 @@ class MLP(nn.Module):
     """Dense layers with tanh between; works on `[B, F]` and `[B, T, F]`."""
 
     features: tuple[int, ...] = (6, 3)
+    param_dtype: Any = jnp.float64
 
     @nn.compact
     def __call__(self, x):
         for i, features in enumerate(self.features):
             if i:
                 x = jnp.tanh(x)
-            x = nn.Dense(features, **F64)(x)
+            x = nn.Dense(features, param_dtype=self.param_dtype)(x)
         return x
 
 
@@ -849,6 +854,129 @@ def test_a_step_below_the_losss_round_off_is_taken_unjudged(case):
     assert new_state.model_change < 0
     assert np.all(np.isfinite(flat(updates))) and np.any(flat(updates) != 0)
     chex.assert_trees_all_equal(updates, new_state.velocity)
+
+
+def flat_tail_problem(seed=0, params=None, param_dtype=jnp.float64):
+    """Softmax cross-entropy on its flat tail: the output kernel 10 times its
+    drawn size and random labels, so that most examples are confidently
+    wrong. The sampled Fisher sees about zero curvature there, so the
+    direction is long, and the first update's quadratic model (initial
+    damping 1e-3) promises a decrease six times the loss."""
+    x, labels = normal(seed + 70, (16, 4)), classes(seed + 71, (16,))
+    model = MLP(param_dtype=param_dtype)
+    x = x.astype(param_dtype)
+    if params is None:
+        params = init_params(model, x)
+        params["Dense_1"]["kernel"] = 10 * params["Dense_1"]["kernel"]
+    return linen_problem(
+        model, x, labels, oek.softmax_cross_entropy, cross_entropy_tail(labels), params
+    )
+
+
+def sampled_statistics(problem):
+    """`(grads, stats)` with the Monte-Carlo Fisher (the key from the batch)."""
+    curvature = oek.Curvature(problem.loss_fn, fisher_type="mc")
+    _, grads, stats = jax.jit(curvature.value_grad_and_stats)(
+        problem.params, *problem.batch
+    )
+    return grads, stats
+
+
+def shrunk_to_the_loss(coefficients, curvature, gradient_products, loss):
+    """`s w`, `s` the smallest positive root of `½ s² wᵀCw + s wᵀb = -L`."""
+    w = np.asarray(coefficients, np.float64)
+    roots = np.roots([w @ curvature @ w / 2, w @ gradient_products, loss])
+    return min(r.real for r in roots if r.real > 0 and abs(r.imag) < 1e-12) * w
+
+
+@pytest.fixture(scope="module")
+def flat_tail():
+    problem = flat_tail_problem()
+    layers = layers_of(problem)
+    tx = oek.ekfac(layers, initial_damping=1e-3)
+    state = tx.init(problem.params)
+    grads, stats = sampled_statistics(problem)
+    updates, new_state = update(tx, grads, state, problem.params, stats)
+    return SimpleNamespace(
+        problem=problem,
+        layers=layers,
+        tx=tx,
+        state=state,
+        grads=grads,
+        stats=stats,
+        updates=updates,
+        new_state=new_state,
+    )
+
+
+def test_a_first_step_promising_more_than_the_loss_is_shrunk_to_promise_it(
+    flat_tail,
+):
+    """`α Δ` scaled by `s < 1` so that the undamped model predicts a change
+    of exactly `-L`: the losses are non-negative, so a larger decrease can't
+    happen (here the unshrunk model promises 22.7 on a loss of 3.5)."""
+    tail = flat_tail
+    direction, alpha, change = first_update_reference(
+        tail.problem, tail.layers, tail.state, tail.grads, tail.stats, 1e-3
+    )
+    loss = mean_loss(tail.problem, tail.problem.params)
+    assert -change > 5 * loss
+    curvature, _, b = quadratic_model(
+        problem_ggn(tail.problem), tail.grads, direction, tail.state.velocity
+    )
+    coefficients = shrunk_to_the_loss([alpha, 0.0], curvature, b, loss)
+    assert 0 < coefficients[0] < alpha / 5
+    assert tail.new_state.rejected_steps == 0
+    assert_update(
+        tail.updates,
+        tail.new_state,
+        direction,
+        tail.state.velocity,  # zeros
+        coefficients,
+        -loss,
+    )
+
+
+def test_a_later_step_promising_more_than_the_loss_shrinks_alpha_and_beta(
+    flat_tail,
+):
+    """The 2x2 solution `(α, β)` is scaled as a whole (both by one `s`)."""
+    tail = flat_tail
+    params = optax.apply_updates(tail.problem.params, tail.updates)
+    problem = flat_tail_problem(seed=2, params=params)
+    grads, stats = sampled_statistics(problem)
+    damping = float(tail.new_state.damping)
+    direction = ekfac_direction(
+        tail.layers, tail.new_state.preconditioner, grads, stats, damping
+    )
+    velocity = tail.new_state.velocity
+    curvature, inner, b = quadratic_model(
+        problem_ggn(problem), grads, direction, velocity
+    )
+    solution = np.linalg.solve(curvature + damping * inner, -b)
+    loss = mean_loss(problem, problem.params)
+    assert 0 < solution[1] < 0.99  # no clipping in play
+    assert -predicted_change(curvature, b, solution) > loss
+    coefficients = shrunk_to_the_loss(solution, curvature, b, loss)
+    updates, new_state = update(tail.tx, grads, tail.new_state, problem.params, stats)
+    assert_update(updates, new_state, direction, velocity, coefficients, -loss)
+
+
+def test_a_float32_step_promising_more_than_the_loss_is_shrunk_to_promise_it():
+    """The jitted float32 update users run: its model predicts `-L`."""
+    problem = flat_tail_problem(param_dtype=jnp.float32)
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(problem.params))
+    curvature = oek.Curvature(problem.loss_fn, fisher_type="mc")
+    tx = oek.ekfac(curvature.layers(problem.params, *problem.batch))
+    loss, grads, stats = jax.jit(curvature.value_grad_and_stats)(
+        problem.params, *problem.batch
+    )
+    _, new_state = jax.jit(tx.update)(
+        grads, tx.init(problem.params), problem.params, stats=stats
+    )
+    assert new_state.model_change.dtype == jnp.float32
+    assert_close(new_state.model_change, -loss, rtol=1e-5)
+    assert 0 < new_state.learning_rate < 0.02
 
 
 @pytest.mark.parametrize("ratio", [0.9, 0.1])

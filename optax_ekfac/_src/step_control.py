@@ -8,7 +8,10 @@ Every update (Martens & Grosse, 2015, sections 6.5 and 7; as kfac-jax does):
         M(u) = gᵀu + ½ uᵀ (G + λ I) u
     G the exact Gauss-Newton matrix of the batch's mean loss (its products
     from the statistics' `LossModel`): a 2x2 solve. β is kept in
-    [0, max_momentum] (α solved again for a clipped β).
+    [0, max_momentum] (α solved again for a clipped β). Where the model
+    then predicts a decrease larger than the batch's loss `L`, which the
+    library's non-negative losses cannot make, `(α, β)` are scaled down
+    until it predicts `L` (`_within_loss`).
 
 Every `damping_adaptation_interval` updates (by default every one) the
 damping follows the Levenberg-Marquardt rule, from the reduction ratio of the
@@ -180,6 +183,9 @@ def adaptive(
             gradient_products,
             adaptation,
         )
+        coefficients = _within_loss(
+            coefficients, curvature, gradient_products, model.loss
+        )
         step = optax.tree.add(
             optax.tree.scale(coefficients[0], descent),
             optax.tree.scale(coefficients[1], state.velocity),
@@ -283,6 +289,37 @@ def _coefficients(
     beta = jnp.where(solvable, (c[0, 1] * b[0] - c[0, 0] * b[1]) / safe, 0)
     beta = jnp.clip(beta, 0, adaptation.max_momentum)
     return jnp.stack([alpha_given(beta), beta])
+
+
+def _within_loss(
+    coefficients: jax.Array,
+    curvature: jax.Array,
+    gradient_products: jax.Array,
+    loss: jax.Array,
+) -> jax.Array:
+    """`(α, β)` shrunk, where needed, so that the model's predicted decrease
+    (undamped, as `ρ` judges it) is at most the batch's loss `L`.
+
+    The library's losses are non-negative, so no step can lower their mean by
+    more than `L`; a model that predicts more has left the region where it
+    holds. It happens with softmax or sigmoid cross-entropy on examples far
+    out on the flat tail (a large loss, a Gauss-Newton curvature of about
+    zero) and with a batch of one example, whose steps the model says would
+    fit it and more. Along the ray `s (α, β)` the predicted change is the
+    parabola `½ s² q + s p` (`q ≥ 0`); where it is below `-L` at `s = 1` it
+    crosses `-L` first at some `s < 1`, `s = 2 L / (-p + √(p² - 2 q L))`
+    (the smaller root, written without cancellation), and the step is scaled
+    by that. Where `L ≤ 0` (a loss that is not the helpers') nothing is
+    shrunk.
+    """
+    quadratic = jnp.sum(jnp.outer(coefficients, coefficients) * curvature)
+    linear = jnp.sum(coefficients * gradient_products)
+    limit = loss.astype(coefficients.dtype)
+    exceeds = (limit > 0) & (quadratic / 2 + linear < -limit)
+    discriminant = jnp.maximum(linear**2 - 2 * quadratic * limit, 0)
+    denominator = -linear + jnp.sqrt(discriminant)
+    scale = 2 * limit / jnp.where(exceeds, denominator, 1)
+    return jnp.where(exceeds, scale * coefficients, coefficients)
 
 
 def _resolvable(model_change: jax.Array, loss: jax.Array) -> jax.Array:

@@ -254,9 +254,11 @@ def ekfac(
     and moves by `α Δ + β δ` with `(α, β)` minimizing the quadratic model
     `gᵀu + ½ uᵀ (G + λ I) u` of the batch's loss, `G` its exact Gauss-Newton
     matrix (products from the statistics' `loss_model`: one linearization
-    of the model's outputs per step); the damping `λ` follows the
-    Levenberg-Marquardt rule from the reduction ratio of the batch's loss
-    every `damping_adaptation_interval` updates (one more forward pass).
+    of the model's outputs per step), scaled down where that model promises
+    a decrease larger than the batch's (non-negative) loss; the damping `λ`
+    follows the Levenberg-Marquardt rule from the reduction ratio of the
+    batch's loss every `damping_adaptation_interval` updates (one more
+    forward pass).
     This is K-FAC's step control (Martens & Grosse, 2015, sections 6.5 and 7).
     The adapted values are in the state (`EkfacState`) for logging. The loss
     must come from this library's loss helpers, which mark the model's
