@@ -190,10 +190,8 @@ def adaptive(
             optax.tree.scale(coefficients[0], descent),
             optax.tree.scale(coefficients[1], state.velocity),
         )
-        # Sums rather than `@`: exact float32 whatever the default matmul
-        # precision (TF32 on GPUs, bfloat16 on TPUs).
-        model_change = jnp.sum(jnp.outer(coefficients, coefficients) * curvature) / 2
-        model_change += jnp.sum(coefficients * gradient_products)
+        quadratic, linear = _model_terms(coefficients, curvature, gradient_products)
+        model_change = quadratic / 2 + linear
         finite = jnp.logical_not(skipped) & jnp.isfinite(model_change)
         count = state.preconditioner.count
         due = (
@@ -291,6 +289,17 @@ def _coefficients(
     return jnp.stack([alpha_given(beta), beta])
 
 
+def _model_terms(
+    coefficients: jax.Array, curvature: jax.Array, gradient_products: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """`(wᵀ C w, wᵀ b)`: the undamped model predicts the change
+    `½ wᵀ C w + wᵀ b` of the loss for the update with coefficients `w`."""
+    # Sums rather than `@`: exact float32 whatever the default matmul
+    # precision (TF32 on GPUs, bfloat16 on TPUs).
+    quadratic = jnp.sum(jnp.outer(coefficients, coefficients) * curvature)
+    return quadratic, jnp.sum(coefficients * gradient_products)
+
+
 def _within_loss(
     coefficients: jax.Array,
     curvature: jax.Array,
@@ -312,8 +321,7 @@ def _within_loss(
     by that. Where `L ≤ 0` (a loss that is not the helpers') nothing is
     shrunk.
     """
-    quadratic = jnp.sum(jnp.outer(coefficients, coefficients) * curvature)
-    linear = jnp.sum(coefficients * gradient_products)
+    quadratic, linear = _model_terms(coefficients, curvature, gradient_products)
     limit = loss.astype(coefficients.dtype)
     exceeds = (limit > 0) & (quadratic / 2 + linear < -limit)
     discriminant = jnp.maximum(linear**2 - 2 * quadratic * limit, 0)
