@@ -3,7 +3,7 @@
 from optax_ekfac import nnx
 from optax_ekfac._src.accumulation import accumulated
 from optax_ekfac._src.blocks import Block, Layers, LayerStats
-from optax_ekfac._src.capture import Curvature, Statistics
+from optax_ekfac._src.capture import Curvature, Statistics, curvature_terms
 from optax_ekfac._src.curvature import precondition, relative_damping_floor
 from optax_ekfac._src.diagnostics import (
     BlockDistances,
@@ -40,6 +40,7 @@ __all__ = [
     "Statistics",
     "TrainState",
     "accumulated",
+    "curvature_terms",
     "ekfac",
     "ekfac_block",
     "fisher_block",

@@ -38,7 +38,9 @@ def accumulated(
     Fisher, sample-major over the whole batch), and a `loss_model` of the
     whole batch. The statistics hold every micro-batch's layer inputs and
     output gradients, as one batch's would; what the micro-batches save is
-    the rest of the activations.
+    the rest of the activations. Where `curvature` bounds the rows of the
+    curvature (`max_curvature_terms`), each micro-batch gives its own sample's
+    statistics, and the loss model is the whole batch's.
 
     Args:
         curvature: a `Curvature` (flax.linen).
@@ -101,15 +103,19 @@ def accumulated(
                 losses_fn=stats.loss_model.losses_fn,
                 num_samples=stats.num_samples,
                 num_terms=stats.num_terms,
+                sampled=stats.num_batch_terms is not None,
             )
-            terms = jnp.asarray(stats.num_terms, loss.dtype)
+            # The micro-batch's loss and gradients average its terms (all of
+            # them, where its curvature comes from a sample of its rows).
+            terms = jnp.asarray(stats.gradient_terms, loss.dtype)
             loss_sum, grad_sum, terms_sum = carry
             carry = (
                 loss_sum + terms * loss,
                 jax.tree.map(lambda a, g: a + terms * g, grad_sum, grads),
                 terms_sum + terms,
             )
-            return carry, (stats.layers, terms, aux)
+            sample_terms = jnp.asarray(stats.num_terms, loss.dtype)
+            return carry, (stats.layers, terms, sample_terms, aux)
 
         loss_type = jax.eval_shape(
             curvature._uncaptured_losses,
@@ -118,7 +124,7 @@ def accumulated(
         )
         zero = jnp.zeros([], loss_type.dtype)
         init = (zero, optax.tree.zeros_like(params), zero)
-        (loss_sum, grad_sum, terms_sum), (layers, terms, aux) = jax.lax.scan(
+        (loss_sum, grad_sum, terms_sum), (layers, terms, sample_terms, aux) = jax.lax.scan(
             body, init, (micro_leaves, keys)
         )
         loss = loss_sum / terms_sum
@@ -139,7 +145,7 @@ def accumulated(
                 )
                 for name, calls in layers.items()
             },
-            num_terms=k * static["num_terms"] if unweighted else terms_sum,
+            num_terms=k * static["num_terms"] if unweighted else sample_terms.sum(),
             num_samples=num_samples,
             loss_model=LossModel(
                 params,
@@ -147,6 +153,7 @@ def accumulated(
                 loss,
                 _WholeBatchLosses(static["losses_fn"], assemble),
             ),
+            num_batch_terms=terms_sum if static["sampled"] else None,
         )
         return ((loss, aux) if curvature.has_aux else loss), grads, stats
 

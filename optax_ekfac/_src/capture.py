@@ -57,10 +57,15 @@ from optax_ekfac._src.blocks import (
 from optax_ekfac._src.kinds import SUPPORTED
 from optax_ekfac._src.loss_model import LossModel
 from optax_ekfac._src.losses import recorded_weights, sampling
-from optax_ekfac._src.sharding import sharding_of
+from optax_ekfac._src.options import DEFAULTS
+from optax_ekfac._src.sharding import example_shards, leading_examples, sharding_of
 
 FisherType = Literal["empirical", "mc"]
 FISHER_TYPES = get_args(FisherType)
+
+# The default bound on the loss terms the curvature comes from: at least this
+# many, and at least the widest Kronecker factor's dimension (`curvature_terms`).
+MIN_CURVATURE_TERMS = 256
 
 
 class Statistics(NamedTuple):
@@ -84,18 +89,29 @@ class Statistics(NamedTuple):
         loss_model: the batch's loss as a function of the parameters, for the
             adaptive `ekfac`'s step control (exact curvature products and the
             loss at other parameters); None where the statistics were made
-            by hand.
+            by hand. With the curvature from a sample of the batch, the
+            sample's loss.
+        num_batch_terms: the loss terms of the whole batch, which the
+            gradient averages, where the statistics come from a sample of the
+            batch (`Curvature`'s `max_curvature_terms`); None where they cover
+            the whole batch (`num_terms`).
     """
 
     layers: dict[str, tuple[LayerStats, ...]]
     num_terms: int | jax.Array
     num_samples: int = 1
     loss_model: LossModel | None = None
+    num_batch_terms: int | jax.Array | None = None
 
     @property
     def num_sampled_terms(self) -> int | jax.Array:
         """`S * N`: what the sums over the rows' output gradients divide by."""
         return self.num_terms * self.num_samples
+
+    @property
+    def gradient_terms(self) -> int | jax.Array:
+        """The loss terms the gradient averages: the whole batch's."""
+        return self.num_terms if self.num_batch_terms is None else self.num_batch_terms
 
 
 @dataclasses.dataclass(frozen=True)
@@ -392,6 +408,21 @@ class Curvature:
             in both cases.
         num_samples: `S`, label samples per loss term for `"mc"`; the
             statistics hold them as `S * N` examples.
+        max_curvature_terms: at most this many loss terms of each batch (a
+            `[B, T]` token loss has `B * T`; times `S` label samples) give
+            the curvature: the statistics (factors, scalings, the sampled
+            labels' backward pass) and the adaptive `ekfac`'s curvature
+            products and reduction ratio. The loss and gradients always come
+            from the whole batch. None (the default) takes
+            `curvature_terms(layers)`: the widest Kronecker factor's
+            dimension, and at least 256; `"all"` uses the whole batch. The
+            sample is the first examples of the batch (with the example axis
+            sharded over `D` devices, the first `b / D` of each device's
+            shard, `b` a multiple of `D`), as many as fit the bound and at
+            least one per shard; its statistics are those of the sample's
+            mean loss (`num_terms` its terms). Image positions that share
+            one loss term (a classifier's convolutions) count once: they
+            are not independent rows of the curvature.
 
     Example:
         >>> def loss_fn(params, x, y):
@@ -409,6 +440,7 @@ class Curvature:
     has_aux: bool
     fisher_type: FisherType
     num_samples: int
+    max_curvature_terms: int | Literal["all"] | None
 
     def __init__(
         self,
@@ -417,6 +449,7 @@ class Curvature:
         has_aux: bool = False,
         fisher_type: FisherType = "empirical",
         num_samples: int = 1,
+        max_curvature_terms: int | Literal["all"] | None = None,
     ):
         if fisher_type not in FISHER_TYPES:
             raise ValueError(
@@ -432,10 +465,28 @@ class Curvature:
                 "Curvature: num_samples applies to fisher_type='mc' only; the "
                 "empirical Fisher uses the data's labels once."
             )
+        if not (
+            max_curvature_terms is None
+            or max_curvature_terms == "all"
+            or (
+                isinstance(max_curvature_terms, numbers.Integral)
+                and not isinstance(max_curvature_terms, bool)
+                and max_curvature_terms >= 1
+            )
+        ):
+            raise ValueError(
+                "Curvature: max_curvature_terms must be an integer >= 1, 'all' "
+                f"or None, got {max_curvature_terms!r}."
+            )
         self.loss_fn = loss_fn
         self.has_aux = has_aux
         self.fisher_type = fisher_type
         self.num_samples = int(num_samples)
+        self.max_curvature_terms = (
+            max_curvature_terms
+            if max_curvature_terms is None or max_curvature_terms == "all"
+            else int(max_curvature_terms)
+        )
 
     def _call_loss_fn(self, params, batch, interceptor: _Interceptor) -> Any:
         """`loss_fn(params, *batch)` with its layer calls going through
@@ -570,10 +621,67 @@ class Curvature:
             `"mc"` and `S = num_samples`, every call's `inputs` are tiled `S`
             times along axis 0 and its `output_grads` are those of the sampled
             labels, `[S * N, ...]` (sample-major); `num_terms` stays `N`.
+            Where the batch has more loss terms than `max_curvature_terms`, the
+            statistics are those of the sample (`num_terms` its terms,
+            `num_batch_terms` the batch's) and `loss` and `grads` the whole
+            batch's.
         """
         if self.fisher_type == "mc" and key is None:
             key = _key_of_batch(batch)
         calls, losses = self._trace_calls(params, batch)
+        sample = self._curvature_sample(params, batch, calls, losses.shape)
+        if sample is None:
+            loss, aux, grads, stats = self._captured(params, batch, calls, losses, key)
+        else:
+            # The loss and gradients of the whole batch, nothing captured; the
+            # curvature of the sample (its gradients are unused: jit drops them).
+            (loss, (aux, weights_sum)), grads = jax.value_and_grad(
+                self._mean_loss, has_aux=True
+            )(params, batch)
+            sample_calls, sample_losses = self._trace_calls(params, sample)
+            *_, stats = self._captured(params, sample, sample_calls, sample_losses, key)
+            stats = stats._replace(
+                num_batch_terms=losses.size if weights_sum is None else weights_sum
+            )
+        return ((loss, aux) if self.has_aux else loss), grads, stats
+
+    def _mean_loss(self, params, batch):
+        """The mean loss, and `(aux, the sum of the terms' weights or None)`."""
+        interceptor = _Interceptor()
+        losses, aux = self._losses(params, batch, interceptor)
+        return jnp.mean(losses), (aux, interceptor.weights_sum)
+
+    def _curvature_sample(self, params, batch, calls, loss_shape) -> tuple | None:
+        """The examples the curvature comes from (see `max_curvature_terms`),
+        or None for the whole batch."""
+        batch_size = _batch_size(batch, loss_shape)
+        if self.max_curvature_terms == "all" or batch_size is None:
+            return None
+        max_terms = self.max_curvature_terms or curvature_terms(
+            _layers_from_calls(calls, params)
+        )
+        terms_per_example = self.num_samples * (math.prod(loss_shape) // batch_size)
+        leading = [
+            leaf
+            for leaf in jax.tree.leaves(batch)
+            if jnp.ndim(leaf) and jnp.shape(leaf)[0] == batch_size
+        ]
+        num_shards = example_shards(leading[0], DEFAULTS.axis_name)
+        num_examples = max(
+            num_shards, max_terms // terms_per_example // num_shards * num_shards
+        )
+        if num_examples >= batch_size:
+            return None
+
+        def sampled(leaf):
+            if jnp.ndim(leaf) and jnp.shape(leaf)[0] == batch_size:
+                return leading_examples(leaf, num_examples, num_shards)
+            return leaf
+
+        return jax.tree.map(sampled, batch)
+
+    def _captured(self, params, batch, calls, losses, key):
+        """`(loss, aux, grads, stats)` of `batch`, the statistics of every row."""
         direct = tuple(
             # In the output's sharding: under an explicit mesh the cotangent
             # takes the perturbation's type, and a replicated one would gather
@@ -631,7 +739,7 @@ class Curvature:
             num_samples=self.num_samples,
             loss_model=LossModel(params, batch, loss, self._uncaptured_losses),
         )
-        return ((loss, aux) if self.has_aux else loss), grads, stats
+        return loss, aux, grads, stats
 
     def _sampled_pass(self, params, batch, perturbations, key, calls):
         """One forward, two backward passes: the data's gradient, and the
@@ -715,6 +823,36 @@ class Curvature:
             for x, call in zip(inputs, calls)
         )
         return jnp.mean(losses), aux, grads, inputs, output_grads, weights_sum
+
+
+def curvature_terms(layers: Layers) -> int:
+    """The default bound on the loss terms each batch's curvature comes from.
+
+    The widest Kronecker factor's dimension (an embedding's diagonal
+    vocabulary side excluded), so that one batch's factors can be of full
+    rank, and at least `MIN_CURVATURE_TERMS`: the running averages over the
+    batches do the rest.
+
+    Args:
+        layers: the blocks, from `Curvature.layers`.
+
+    Returns:
+        The number of loss terms.
+
+    Example:
+        >>> optax_ekfac.curvature_terms(layers)
+        256
+    """
+    widths = [
+        width
+        for block in layers.blocks
+        for width in (
+            (block.output_dim,)
+            if block.diagonal_input
+            else (block.input_dim, block.output_dim)
+        )
+    ]
+    return max([MIN_CURVATURE_TERMS, *widths])
 
 
 def _weighted_mean_terms(

@@ -64,7 +64,7 @@ def maybe_refreshed(
     def refreshed(blocks, second_moments):
         blocks = refreshed_blocks(layers.blocks, blocks, stats, options, schedule)
         second_moments = refreshed_second_moments(
-            second_moments, grads, stats.num_terms, options, schedule.stats_count
+            second_moments, grads, stats.gradient_terms, options, schedule.stats_count
         )
         return blocks, second_moments
 

@@ -188,3 +188,29 @@ def reshape_keeping(
     kept = jax.sharding.PartitionSpec(*tuple(sharding.spec)[:num_kept])
     out_sharding = jax.sharding.NamedSharding(sharding.mesh, kept)
     return jnp.reshape(array, shape, out_sharding=out_sharding)
+
+
+def leading_examples(array: jax.Array, num_examples: int, num_shards: int) -> jax.Array:
+    """The first `num_examples / num_shards` examples of each of the
+    `num_shards` equal shards of axis 0: every device's share of a sample,
+    taken where it lies (a local slice when the axis is sharded so)."""
+    if num_shards == 1:
+        return array[:num_examples]
+    per_shard = array.shape[0] // num_shards
+    spec = tuple(jax.typeof(array).sharding.spec) + (None,) * array.ndim
+    mesh = jax.typeof(array).sharding.mesh
+    by_shard = jnp.reshape(
+        array,
+        (num_shards, per_shard) + array.shape[1:],
+        out_sharding=jax.sharding.NamedSharding(
+            mesh, jax.sharding.PartitionSpec(spec[0], None, *spec[1 : array.ndim])
+        ),
+    )
+    taken = by_shard[:, : num_examples // num_shards]
+    return jnp.reshape(
+        taken,
+        (num_examples,) + array.shape[1:],
+        out_sharding=jax.sharding.NamedSharding(
+            mesh, jax.sharding.PartitionSpec(*spec[: array.ndim])
+        ),
+    )
