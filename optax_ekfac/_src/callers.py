@@ -4,41 +4,37 @@ shows.
 `scale_by_ekfac` reads its callers' frames, when it is traced, to say why it
 got no statistics (flax's `TrainState.apply_gradients` hands them to
 `.replace`, `optax.lookahead` drops them) and to refuse `optax.MultiSteps`,
-whose inner update would keep the last micro-batch's statistics only. A
-wrapper renamed in a later flax or optax loses the precise message, not the
-check of the statistics.
+whose inner update would keep the last micro-batch's statistics only. The
+wrappers are recognised by their public objects (`compat.py`); a wrapper
+rewritten so that this no longer holds fails `tests/test_compat.py`.
 """
 
-import sys
-from collections.abc import Iterator
-from types import FrameType
-
+import optax
 from flax.training import train_state
+
+from optax_ekfac._src import compat
 
 
 def missing_stats_cause() -> str:
     """Why an update got no statistics, read from the callers' frames: flax's
     `TrainState.apply_gradients` given `stats=`, `optax.lookahead`, or
     (neither found) the general advice."""
-    for frame in _callers():
-        code = frame.f_code
-        if (
-            code.co_name == "apply_gradients"
-            and frame.f_globals.get("__name__") == train_state.__name__
-            and "stats" in frame.f_locals.get("kwargs", {})
-        ):
-            return (
-                "flax.training.train_state.TrainState.apply_gradients(grads=..., "
-                "stats=...) hands stats to .replace, not to tx.update: use "
-                "optax_ekfac.TrainState (a subclass whose apply_gradients passes "
-                "stats to the optimizer) in its place."
-            )
-        if frame.f_globals.get("__name__") == "optax._src.lookahead":
-            return (
-                "optax.lookahead does not forward extra arguments to its fast "
-                "optimizer: build it in the training step around "
-                "optax_ekfac.with_stats(fast_optimizer, stats)."
-            )
+    apply_gradients = compat.frame_running(train_state.TrainState.apply_gradients)
+    if apply_gradients is not None and "stats" in compat.keyword_arguments(
+        apply_gradients
+    ):
+        return (
+            "flax.training.train_state.TrainState.apply_gradients(grads=..., "
+            "stats=...) hands stats to .replace, not to tx.update: use "
+            "optax_ekfac.TrainState (a subclass whose apply_gradients passes "
+            "stats to the optimizer) in its place."
+        )
+    if compat.runs_within_module_of(optax.lookahead):
+        return (
+            "optax.lookahead does not forward extra arguments to its fast "
+            "optimizer: build it in the training step around "
+            "optax_ekfac.with_stats(fast_optimizer, stats)."
+        )
     return (
         "a wrapper that calls tx.update without extra arguments (flax's "
         "TrainState.apply_gradients, optax.lookahead) drops them: use "
@@ -49,15 +45,4 @@ def missing_stats_cause() -> str:
 
 def under_multi_steps() -> bool:
     """Whether the update runs inside `optax.MultiSteps`."""
-    return any(
-        frame.f_globals.get("__name__") == "optax.transforms._accumulation"
-        for frame in _callers()
-    )
-
-
-def _callers() -> Iterator[FrameType]:
-    """The frames of this call stack, innermost first."""
-    frame: FrameType | None = sys._getframe(1)
-    while frame is not None:
-        yield frame
-        frame = frame.f_back
+    return compat.runs_within_module_of(optax.MultiSteps)

@@ -43,10 +43,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax.core import tracers
-from jax._src import core as jax_core
-from jax._src.interpreters import partial_eval
 
-from optax_ekfac._src import kinds
+from optax_ekfac._src import compat, kinds
 from optax_ekfac._src.blocks import (
     Block,
     Layers,
@@ -207,20 +205,7 @@ def _in_discarded_trace(loss_trace: Any) -> bool:
     """Whether this runs within `nn.scan`'s extra trace of its body (a partial
     evaluation that checks the broadcast variables, whose jaxpr is dropped)
     inside `loss_fn`: calls there are not calls of the model."""
-    trace = jax_core.trace_ctx.trace
-    while trace is not None and trace is not loss_trace:
-        if isinstance(trace, partial_eval.JaxprTrace):
-            return True
-        trace = getattr(trace, "parent_trace", None)
-    return False
-
-
-def _traced_here(value: Any) -> bool:
-    """Whether `value` is a tracer of the current trace (an argument of the
-    transformation running now, not a value it closes over)."""
-    return (
-        isinstance(value, jax_core.Tracer) and value._trace is jax_core.trace_ctx.trace  # noqa: SLF001
-    )
+    return compat.in_partial_eval_since(loss_trace)
 
 
 class _Interceptor:
@@ -244,9 +229,11 @@ class _Interceptor:
         # The JAX trace loss_fn runs in; calls under another one are
         # `transformed`.
         self.loss_trace = None
+        # The same trace as an object, where the search for a partial
+        # evaluation inside loss_fn stops (`_in_discarded_trace`).
+        self.loss_trace_object = None
         # The sum of the loss terms' weights, None for unweighted losses.
         self.weights_sum: jax.Array | None = None
-        self.loss_trace_object = None
         # Transformed calls' perturbations and input slots, by module path
         # and variable name (`_Call.entries`), for the capture to hand to the
         # modules; empty in the shape pass.
@@ -353,7 +340,8 @@ def _check_sliced(name: str, kind: str, context) -> None:
     parameters = getattr(context, "parameters", None)
     if parameters is None:
         parameters = context.module.variables.get("params", {})
-    if all(_traced_here(leaf) for leaf in jax.tree.leaves(parameters)):
+    leaves = jax.tree.leaves(parameters)
+    if all(compat.is_tracer_of_current_trace(leaf) for leaf in leaves):
         return
     raise ValueError(
         f"{name}: this {kind} layer runs inside a JAX transformation within "
@@ -501,7 +489,7 @@ class Curvature:
         when the helpers got weights), and `aux`; sets the interceptor's
         `weights_sum`."""
         interceptor.loss_trace = tracers.current_trace()
-        interceptor.loss_trace_object = jax_core.trace_ctx.trace
+        interceptor.loss_trace_object = compat.current_trace()
         with recorded_weights() as weights:
             result = self._call_loss_fn(params, batch, interceptor)
         losses, aux = _split_aux(result, self.has_aux)
