@@ -103,7 +103,9 @@ def test_sampled_curvature_is_the_curvature_of_the_sample(mlp, max_terms, num_sa
         gradient = np.concatenate(
             [layer_grads["kernel"], layer_grads["bias"][None]], 0
         ).reshape(-1)
-        expected = np.linalg.solve(curvature_matrix, gradient).reshape(rows.shape[1], -1)
+        expected = np.linalg.solve(curvature_matrix, gradient).reshape(
+            rows.shape[1], -1
+        )
         got = updates[f"dense_{layer}"]
         chex.assert_trees_all_close(got["kernel"], expected[:-1], rtol=1e-8)
         chex.assert_trees_all_close(got["bias"], expected[-1], rtol=1e-8)
@@ -198,7 +200,9 @@ def test_default_bound_follows_the_widest_factor():
     narrow = nn.Dense(3)
     narrow_params = narrow.init(jax.random.key(0), x)["params"]
     narrow_layers = oek.Curvature(
-        lambda p, x: oek.squared_error(narrow.apply({"params": p}, x), jnp.zeros((2, 3)))
+        lambda p, x: oek.squared_error(
+            narrow.apply({"params": p}, x), jnp.zeros((2, 3))
+        )
     ).layers(narrow_params, x)
     assert oek.curvature_terms(narrow_layers) == 256
 

@@ -124,8 +124,8 @@ def accumulated(
         )
         zero = jnp.zeros([], loss_type.dtype)
         init = (zero, optax.tree.zeros_like(params), zero)
-        (loss_sum, grad_sum, terms_sum), (layers, terms, sample_terms, aux) = jax.lax.scan(
-            body, init, (micro_leaves, keys)
+        (loss_sum, grad_sum, terms_sum), (layers, terms, sample_terms, aux) = (
+            jax.lax.scan(body, init, (micro_leaves, keys))
         )
         loss = loss_sum / terms_sum
         grads = jax.tree.map(

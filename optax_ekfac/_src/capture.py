@@ -765,8 +765,8 @@ class Curvature:
         loss_perturbations = tuple(
             jnp.zeros(shape.shape[1:], shape.dtype) for shape in sampled_shapes
         )
-        (losses, sampled_losses), backward, (direct_inputs, aux, weights_sum) = (
-            jax.vjp(run, params, perturbations, loss_perturbations, has_aux=True)
+        (losses, sampled_losses), backward, (direct_inputs, aux, weights_sum) = jax.vjp(
+            run, params, perturbations, loss_perturbations, has_aux=True
         )
         # full_like: a cotangent has the losses' type, sharding included.
         mean_cotangent = jnp.full_like(losses, 1 / losses.size)
