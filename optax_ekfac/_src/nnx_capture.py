@@ -33,7 +33,7 @@ import dataclasses
 import functools
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Literal
 
 import jax
 from flax import nnx
@@ -83,6 +83,9 @@ class Curvature:
             returned are the data's in both cases.
         num_samples: `S`, label samples per loss term for `"mc"`; the
             statistics hold them as `S * N` examples.
+        max_curvature_terms: at most this many loss terms of each batch give
+            the curvature, as for `optax_ekfac.Curvature` (None: the default
+            bound; `"all"`: the whole batch).
 
     Example:
         >>> model = nnx.Sequential(
@@ -108,16 +111,21 @@ class Curvature:
         wrt: filterlib.Filter = nnx.Param,
         fisher_type: FisherType = "empirical",
         num_samples: int = 1,
+        max_curvature_terms: int | Literal["all"] | None = None,
     ):
         # The linen capture checks the settings now, not at the first trace.
         checked = capture.Curvature(
-            loss_fn, fisher_type=fisher_type, num_samples=num_samples
+            loss_fn,
+            fisher_type=fisher_type,
+            num_samples=num_samples,
+            max_curvature_terms=max_curvature_terms,
         )
         self.loss_fn = loss_fn
         self.has_aux = has_aux
         self.wrt = wrt
         self.fisher_type = checked.fisher_type
         self.num_samples = checked.num_samples
+        self.max_curvature_terms = checked.max_curvature_terms
 
     def layers(self, model: nnx.Module, *batch: Any) -> Layers:
         """Describes the blocks of the model, tracing `loss_fn` once (no FLOPs).
@@ -192,6 +200,7 @@ class _OverParams(capture.Curvature):
             has_aux=True,
             fisher_type=curvature.fisher_type,
             num_samples=curvature.num_samples,
+            max_curvature_terms=curvature.max_curvature_terms,
         )
         self.graphdef = graphdef
         self.rest = rest

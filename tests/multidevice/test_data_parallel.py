@@ -383,3 +383,32 @@ def test_donated_params_and_state(problem, single_device):
             # donated (the runtime would copy it instead).
             history.append(jax.device_get(jax.tree.map(jnp.copy, (updates, state))))
     _assert_same_history(history, single_device)
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto])
+def test_a_curvature_sample_takes_every_shards_share(problem, axis_type):
+    """A bound of 8 examples on 4 devices: the first 2 of each shard of 4, the
+    statistics of those examples; the loss and gradients the whole batch's."""
+    loss_fn = problem["curvature"].loss_fn
+    sampled = oek.Curvature(loss_fn, max_curvature_terms=8)
+    whole = oek.Curvature(loss_fn, max_curvature_terms="all")
+    batch = problem["batches"][0]
+    params = problem["params"]
+    rows = jnp.array([0, 1, 4, 5, 8, 9, 12, 13])
+    loss, grads, _ = jax.jit(whole.value_grad_and_stats)(params, *batch)
+    _, _, expected = jax.jit(whole.value_grad_and_stats)(
+        params, *(leaf[rows] for leaf in batch)
+    )
+    mesh = _mesh(axis_type)
+    with jax.set_mesh(mesh):
+        sharded = jax.device_put(batch, NamedSharding(mesh, P("data")))
+        got_loss, got_grads, stats = jax.jit(sampled.value_grad_and_stats)(
+            jax.device_put(params, NamedSharding(mesh, P())), *sharded
+        )
+    assert stats.num_terms == 8 and stats.num_batch_terms == NUM_EXAMPLES
+    chex.assert_trees_all_close(
+        (got_loss, got_grads), (loss, grads), atol=1e-12, rtol=1e-10
+    )
+    chex.assert_trees_all_close(
+        jax.device_get(stats.layers), expected.layers, atol=1e-12, rtol=1e-10
+    )
