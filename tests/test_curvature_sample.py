@@ -205,6 +205,8 @@ def test_default_bound_follows_the_widest_factor():
         )
     ).layers(narrow_params, x)
     assert oek.curvature_terms(narrow_layers) == 256
+    # Token losses: at least the terms of 32 sequences.
+    assert oek.curvature_terms(narrow_layers, terms_per_example=63) == 32 * 63
 
 
 @pytest.mark.parametrize("rows", [0, -3, 2.5, "some", True])
@@ -242,3 +244,11 @@ def test_defaults_train_on_a_batch_larger_than_the_bound():
     assert num_terms == 256
     assert losses[-1] < 0.3 * losses[0], losses
     assert int(state.preconditioner.skipped_steps) == 0
+
+
+def test_the_default_sample_holds_32_sequences_of_token_losses(tokens):
+    """20 terms per sequence: the default bound is the terms of 32 of them."""
+    data = jax.random.randint(jax.random.key(9), (40, 21), 0, 7)
+    curvature = oek.Curvature(tokens["loss_fn"])
+    _, _, stats = curvature.value_grad_and_stats(tokens["params"], data)
+    assert stats.num_terms == 32 * 20 and stats.num_batch_terms == 40 * 20

@@ -62,8 +62,10 @@ FisherType = Literal["empirical", "mc"]
 FISHER_TYPES = get_args(FisherType)
 
 # The default bound on the loss terms the curvature comes from: at least this
-# many, and at least the widest Kronecker factor's dimension (`curvature_terms`).
+# many, at least the widest Kronecker factor's dimension, and the terms of at
+# least this many examples (`curvature_terms`).
 MIN_CURVATURE_TERMS = 256
+MIN_CURVATURE_EXAMPLES = 32
 
 
 class Statistics(NamedTuple):
@@ -402,8 +404,9 @@ class Curvature:
             labels' backward pass) and the adaptive `ekfac`'s curvature
             products and reduction ratio. The loss and gradients always come
             from the whole batch. None (the default) takes
-            `curvature_terms(layers)`: the widest Kronecker factor's
-            dimension, and at least 256; `"all"` uses the whole batch. The
+            `curvature_terms(layers, terms_per_example)`: the widest Kronecker
+            factor's dimension, at least 256 terms and at least the terms of
+            32 examples; `"all"` uses the whole batch. The
             sample is the first examples of the batch (with the example axis
             sharded over `D` devices, the first `b / D` of each device's
             shard, `b` a multiple of `D`), as many as fit the bound and at
@@ -645,10 +648,10 @@ class Curvature:
         batch_size = _batch_size(batch, loss_shape)
         if self.max_curvature_terms == "all" or batch_size is None:
             return None
-        max_terms = self.max_curvature_terms or curvature_terms(
-            _layers_from_calls(calls, params)
-        )
         terms_per_example = self.num_samples * (math.prod(loss_shape) // batch_size)
+        max_terms = self.max_curvature_terms or curvature_terms(
+            _layers_from_calls(calls, params), terms_per_example
+        )
         leading = [
             leaf
             for leaf in jax.tree.leaves(batch)
@@ -813,16 +816,20 @@ class Curvature:
         return jnp.mean(losses), aux, grads, inputs, output_grads, weights_sum
 
 
-def curvature_terms(layers: Layers) -> int:
+def curvature_terms(layers: Layers, terms_per_example: int = 1) -> int:
     """The default bound on the loss terms each batch's curvature comes from.
 
-    The widest Kronecker factor's dimension (an embedding's diagonal
-    vocabulary side excluded), so that one batch's factors can be of full
-    rank, and at least `MIN_CURVATURE_TERMS`: the running averages over the
+    The largest of: the widest Kronecker factor's dimension (an embedding's
+    diagonal vocabulary side excluded), so that one batch's factors can be of
+    full rank; `MIN_CURVATURE_TERMS` (256); and the terms of
+    `MIN_CURVATURE_EXAMPLES` (32) examples, since the terms of one example (a
+    sequence's tokens) are not independent. The running averages over the
     batches do the rest.
 
     Args:
         layers: the blocks, from `Curvature.layers`.
+        terms_per_example: loss terms per example (`T` for `[B, T]` token
+            losses), times the label samples of a Monte-Carlo Fisher.
 
     Returns:
         The number of loss terms.
@@ -830,6 +837,8 @@ def curvature_terms(layers: Layers) -> int:
     Example:
         >>> optax_ekfac.curvature_terms(layers)
         256
+        >>> optax_ekfac.curvature_terms(layers, terms_per_example=64)
+        2048
     """
     widths = [
         width
@@ -840,7 +849,9 @@ def curvature_terms(layers: Layers) -> int:
             else (block.input_dim, block.output_dim)
         )
     ]
-    return max([MIN_CURVATURE_TERMS, *widths])
+    return max(
+        [MIN_CURVATURE_TERMS, MIN_CURVATURE_EXAMPLES * terms_per_example, *widths]
+    )
 
 
 def _weighted_mean_terms(
