@@ -10,7 +10,7 @@ it, against the step-control issue's figures.
 
 Usage:
     python -m benchmarks.kfac_jax --setup        # make the environment (PyPI)
-    python -m benchmarks.kfac_jax [--seed 0] [--steps 1500]
+    python -m benchmarks.kfac_jax [--seed 0] [--steps 1500] [--batch-size 256]
 """
 
 import argparse
@@ -44,19 +44,20 @@ def setup() -> None:
     )
 
 
-def run(seed: int, steps: int) -> dict | None:
-    """kfac-jax adaptive's run at `seed` (see `kfac_jax_runner.run`), or None
-    (with the reason printed) where the environment is missing or it failed."""
+def run(seed: int, steps: int, batch_size: int = 256) -> dict | None:
+    """kfac-jax adaptive's run at `seed` and `batch_size` (see
+    `kfac_jax_runner.run`), or None (with the reason printed) where the
+    environment is missing or it failed."""
     python = interpreter()
     if python is None:
         print(
             "kfac-jax: no pinned environment (python -m benchmarks.kfac_jax "
-            "--setup makes one); the issue's figures stand in"
+            "--setup makes one), so it does not run side by side"
         )
         return None
     completed = subprocess.run(
         [python, "-m", "benchmarks.kfac_jax_runner", "--seed", str(seed)]
-        + ["--steps", str(steps)],
+        + ["--steps", str(steps), "--batch-size", str(batch_size)],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -72,11 +73,12 @@ def main(argv=None) -> None:
     parser.add_argument("--setup", action="store_true", help="make the environment")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--batch-size", type=int, default=256)
     args = parser.parse_args(argv)
     if args.setup:
         setup()
         return
-    result = run(args.seed, args.steps)
+    result = run(args.seed, args.steps, args.batch_size)
     if result is not None:
         result.pop("curve")
         print(json.dumps(result, indent=1))

@@ -12,7 +12,8 @@ as `running.run_setting` does: a discarded warm-up run that compiles, then the
 sum of the step times with evaluations outside it.
 
 Usage (what `benchmarks.kfac_jax` runs, from the repository root):
-    .venv-kfac-jax/bin/python -m benchmarks.kfac_jax_runner --seed 0 --steps 1500
+    .venv-kfac-jax/bin/python -m benchmarks.kfac_jax_runner --seed 0 --steps 1500 \
+        [--batch-size 256]
 """
 
 import argparse
@@ -54,9 +55,9 @@ def optimizer(model) -> kfac_jax.Optimizer:
     )
 
 
-def run(seed: int, steps: int) -> dict:
+def run(seed: int, steps: int, batch_size: int = 256) -> dict:
     """One timed run; its steps and seconds to the target and final loss."""
-    problem = autoencoder.problem(seed=seed)
+    problem = autoencoder.problem(batch_size=batch_size, seed=seed)
     settings = specs.Settings(steps=steps, seed=seed)
     workload = running.prepare(problem, settings)
     kfac = optimizer(autoencoder.Autoencoder())
@@ -97,6 +98,7 @@ def run(seed: int, steps: int) -> dict:
         versions=dict(jax=jax.__version__, kfac_jax=kfac_jax.__version__),
         seed=seed,
         steps=steps,
+        batch_size=batch_size,
         target_loss=problem.target_loss,
         steps_to_target=steps_to_target,
         seconds_to_target=(
@@ -104,6 +106,7 @@ def run(seed: int, steps: int) -> dict:
         ),
         final_train_loss=curve[-1][1],
         median_step_seconds=statistics.median(step_seconds),
+        mean_step_seconds=statistics.fmean(step_seconds),
         curve=curve,
     )
 
@@ -112,9 +115,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--batch-size", type=int, default=256)
     args = parser.parse_args()
     running.limit_blas_threads()
-    print(json.dumps(run(args.seed, args.steps)))
+    print(json.dumps(run(args.seed, args.steps, args.batch_size)))
 
 
 if __name__ == "__main__":

@@ -115,6 +115,9 @@ class OptimizerResult:
         median_step_seconds: the median step time over all runs.
         mean_step_seconds: the mean step time over all runs.
         memory: the compiled train step's peak memory.
+        compile_seconds: the wall-clock seconds of the jitted step's first
+            call (tracing, compilation and one step; `TrainStep`'s
+            `first_call_seconds`).
     """
 
     runs: tuple[Run, ...]
@@ -123,6 +126,7 @@ class OptimizerResult:
     median_step_seconds: float
     mean_step_seconds: float
     memory: Memory
+    compile_seconds: float | None = None
 
     @property
     def best(self) -> Run:
@@ -136,7 +140,8 @@ class Summary:
 
     The ratios are None where no optimizer is named "Adam";
     `time_to_target_ratio_to_adam_best` also where either best run missed the
-    target.
+    target. `compile_seconds` is the first call of the jitted step (see
+    `OptimizerResult`), `peak_memory_mb` the compiled step's peak memory.
     """
 
     best_hyperparameters: Hyperparameters
@@ -148,9 +153,12 @@ class Summary:
     final_test_loss: float
     peak_memory_mb: float
     traces: int
+    compile_seconds: float | None = None
     median_step_ratio_to_adam: float | None = None
     mean_step_ratio_to_adam: float | None = None
     time_to_target_ratio_to_adam_best: float | None = None
+    compile_ratio_to_adam: float | None = None
+    peak_memory_ratio_to_adam: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -53,6 +53,12 @@ def summarize(optimizers: Mapping[str, OptimizerResult]) -> dict[str, Summary]:
                     if best.seconds_to_target is not None and adam_best
                     else None
                 ),
+                compile_ratio_to_adam=_ratio(
+                    result.compile_seconds, adam.compile_seconds
+                ),
+                peak_memory_ratio_to_adam=_ratio(
+                    result.memory.peak_bytes, adam.memory.peak_bytes
+                ),
             )
         summary[name] = Summary(
             best_hyperparameters=best.hyperparameters,
@@ -64,9 +70,15 @@ def summarize(optimizers: Mapping[str, OptimizerResult]) -> dict[str, Summary]:
             final_test_loss=best.final_test_loss,
             peak_memory_mb=result.memory.peak_bytes / 2**20,
             traces=result.traces,
+            compile_seconds=result.compile_seconds,
             **ratios,
         )
     return summary
+
+
+def _ratio(value: float | None, reference: float | None) -> float | None:
+    """`value / reference`, or None where either is unknown (or zero)."""
+    return value / reference if value is not None and reference else None
 
 
 def describe_run(optimizer: str, run: Run) -> str:
@@ -94,7 +106,8 @@ def print_comparison(
     header = (
         f"{'optimizer':<9}{'best setting':<28}{'step ms':>8}{'/Adam':>7}"
         f"{'mean ms':>8}{'/Adam':>7}{'to target':>10}{'s':>7}{'/Adam':>7}"
-        f"{'train':>10}{'test':>10}{'mem MB':>8}{'traces':>7}"
+        f"{'train':>10}{'test':>10}{'mem MB':>8}{'/Adam':>7}"
+        f"{'compile s':>10}{'/Adam':>7}{'traces':>7}"
     )
     log(header)
     for name, row in comparison.summary.items():
@@ -108,12 +121,18 @@ def print_comparison(
             f"{format_optional(row.seconds_to_target, '.2f'):>7}"
             f"{format_optional(row.time_to_target_ratio_to_adam_best, '.2f'):>7}"
             f"{row.final_train_loss:>10.3e}{row.final_test_loss:>10.3e}"
-            f"{row.peak_memory_mb:>8.1f}{row.traces:>7d}"
+            f"{row.peak_memory_mb:>8.1f}"
+            f"{format_optional(row.peak_memory_ratio_to_adam, '.2f'):>7}"
+            f"{format_optional(row.compile_seconds, '.2f'):>10}"
+            f"{format_optional(row.compile_ratio_to_adam, '.2f'):>7}"
+            f"{row.traces:>7d}"
         )
     source = next(iter(comparison.optimizers.values())).memory.source
     log(
         "step ms: median over all sweep runs (after warm-up); to target: the best "
-        f"run's first evaluation at or below the target; memory: {source}."
+        f"run's first evaluation at or below the target; memory: {source}; "
+        "compile: the first call of the jitted step (tracing, compilation, one "
+        "step)."
     )
 
 
@@ -136,14 +155,14 @@ def print_seeds(
         ratios = [row.time_to_target_ratio_to_adam_best for row in rows]
         log(
             f"{name:<9}{reached:>6}/{len(rows)}"
-            f"{_spread([row.steps_to_target for row in rows], 'g'):>22}"
-            f"{_spread([row.seconds_to_target for row in rows], '.2f'):>24}"
-            f"{_spread(ratios, '.2f'):>24}"
-            f"{_spread([row.final_train_loss for row in rows], '.2e'):>30}"
+            f"{spread([row.steps_to_target for row in rows], 'g'):>22}"
+            f"{spread([row.seconds_to_target for row in rows], '.2f'):>24}"
+            f"{spread(ratios, '.2f'):>24}"
+            f"{spread([row.final_train_loss for row in rows], '.2e'):>30}"
         )
 
 
-def _spread(values: Sequence[float | None], spec: str) -> str:
+def spread(values: Sequence[float | None], spec: str) -> str:
     """`median [min, max]` of the known values, or `-`."""
     known = sorted(value for value in values if value is not None)
     if not known:
@@ -225,6 +244,23 @@ def fewer_steps_and_no_more_time(comparison: Comparison) -> tuple[Target, Target
     return (
         fewer_steps_than_adam(comparison),
         time_to_target(comparison, fraction=1.0),
+    )
+
+
+def ratio_to_adam_at_most(
+    comparison: Comparison,
+    ratio: str,
+    bound: float,
+    what: str,
+    optimizer: str = "EKFAC",
+) -> Target:
+    """`optimizer`'s `Summary` field `ratio` (a ratio to Adam's) is at most
+    `bound`; `what` names it in the description ("mean step time")."""
+    value = getattr(comparison.summary[optimizer], ratio)
+    return Target(
+        f"{comparison.problem}: {optimizer} {what} <= {bound:g} x Adam's",
+        None if value is None else value <= bound,
+        "not measured" if value is None else f"ratio {value:.2f}",
     )
 
 

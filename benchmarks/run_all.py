@@ -1,13 +1,22 @@
 """Runs every benchmark, one after the other, into one output directory.
 
 Usage:
-    python -m benchmarks [--quick] [--out benchmarks/results] [--only mlp cnn]
+    python -m benchmarks [--quick] [--out benchmarks/results] [--only mlp large_batch]
 """
 
 import time
 from collections.abc import Sequence
 
-from benchmarks import autoencoder, cli, cnn, layer_cost, mlp, reporting, transformer
+from benchmarks import (
+    autoencoder,
+    cli,
+    cnn,
+    large_batch,
+    layer_cost,
+    mlp,
+    reporting,
+    transformer,
+)
 from benchmarks.records import BenchmarkResult
 
 BENCHMARKS = {
@@ -16,6 +25,7 @@ BENCHMARKS = {
     "cnn": cnn.main,
     "transformer": transformer.main,
     "layer_cost": layer_cost.main,
+    "large_batch": large_batch.main,
 }
 
 

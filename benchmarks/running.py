@@ -13,11 +13,12 @@ on the same mini-batches and records, per run (`records.Run`):
 Per optimizer (`records.OptimizerResult`) it records how often its train step
 was traced (a Python counter inside the traced function: one trace serves the
 whole sweep, because the hyperparameters are arguments of the step, not
-constants), and its peak memory: the compiled step's `memory_analysis()`
-(arguments + outputs + temporaries - aliased bytes), what XLA allocates for one
-step, comparable between optimizers on every backend; where the device keeps
-memory statistics (GPU, TPU), its process-wide `peak_bytes_in_use` is recorded
-too (see `memory_of`).
+constants), the seconds of the step's first call (tracing, compilation and one
+step: what a user waits before training starts), and its peak memory: the
+compiled step's `memory_analysis()` (arguments + outputs + temporaries -
+aliased bytes), what XLA allocates for one step, comparable between
+optimizers on every backend; where the device keeps memory statistics (GPU,
+TPU), its process-wide `peak_bytes_in_use` is recorded too (see `memory_of`).
 """
 
 import dataclasses
@@ -65,10 +66,13 @@ class TrainStep:
 
     Attributes:
         traces: how many times the step was traced (compiled).
+        first_call_seconds: the wall-clock seconds of the first call, waited
+            for: tracing, compilation and one step (None before it).
     """
 
     def __init__(self, problem: Problem, optimizer: Optimizer, layers: oek.Layers):
         self.traces = 0
+        self.first_call_seconds: float | None = None
         curvature = oek.Curvature(problem.loss_fn, fisher_type=optimizer.fisher_type)
 
         def mean_loss(params, *batch):
@@ -92,6 +96,9 @@ class TrainStep:
         self.jitted = jax.jit(step)
 
     def __call__(self, *args):
+        if self.first_call_seconds is None:
+            result, self.first_call_seconds = timed_call(self.jitted, *args)
+            return result
         return self.jitted(*args)
 
 
@@ -143,6 +150,23 @@ def memory_of(jitted: Callable, *args: Any) -> Memory:
         peak_bytes=sizes.get("compiled_peak_bytes"),
         source=source,
         device_peak_bytes=device_peak_bytes,
+    )
+
+
+def step_memory(problem: Problem, optimizer: Optimizer) -> Memory:
+    """Peak memory of `optimizer`'s compiled train step at the problem's batch
+    size (`memory_of`), compiled but not run: no training, so batch sizes
+    beyond what a benchmark trains at cost one compilation. The mini-batch
+    may repeat examples where it is larger than the training set."""
+    workload = prepare(problem, Settings(steps=1, warmup_steps=0))
+    step = TrainStep(problem, optimizer, workload.layers)
+    return memory_of(
+        step.jitted,
+        problem.params,
+        initial_state(optimizer, workload.layers, problem.params),
+        hyperparameter_arrays(optimizer.sweep[0]),
+        workload.train_data,
+        *workload.timed_batches[0],
     )
 
 
@@ -297,6 +321,7 @@ def compare_optimizer(
         runs=tuple(runs),
         best_run=reporting.best_run_index(runs),
         traces=traces,
+        compile_seconds=step.first_call_seconds,
         median_step_seconds=statistics.median(all_steps),
         mean_step_seconds=statistics.fmean(all_steps),
         memory=memory_of(
