@@ -17,9 +17,10 @@ Pinned here:
   `ω = damping_decay ** interval` and its direction, the `[1/4, 3/4]` band
   where nothing changes, the `[min_damping, max_damping]` clip, the interval,
   and a fixed `damping`;
-* a non-finite step (gradients, statistics or quadratic model) moves nothing
-  and only counts itself; the errors for bad inputs and settings; a jitted
-  float32 run; `optax.inject_hyperparams` on the fixed-learning-rate path.
+* a non-finite step (gradients, statistics, quadratic model or batch loss)
+  moves nothing and only counts itself; the errors for bad inputs and
+  settings; a jitted float32 run; `optax.inject_hyperparams` on the
+  fixed-learning-rate path.
 
 References are dense and built here, in float64: parameters flattened with
 `ravel_pytree`, `J = jax.jacobian` of the model's outputs, `H = jax.hessian` of
@@ -1060,7 +1061,19 @@ def nan_loss_model(grads, stats):
     )
 
 
-@pytest.mark.parametrize("corrupt", [nan_grads, nan_statistics, nan_loss_model])
+def nan_loss(grads, stats):
+    """Finite gradients, statistics and quadratic model, a NaN batch loss (a
+    loss term that is NaN without a gradient): the cap on the predicted
+    decrease and the trust-region test can't judge the step."""
+    model = stats.loss_model
+    return grads, stats._replace(
+        loss_model=dataclasses.replace(model, loss=jnp.full_like(model.loss, jnp.nan))
+    )
+
+
+@pytest.mark.parametrize(
+    "corrupt", [nan_grads, nan_statistics, nan_loss_model, nan_loss]
+)
 def test_non_finite_step_moves_nothing_and_only_counts_itself(first, second, corrupt):
     grads, stats = corrupt(second.grads, second.stats)
     # Due at every update (the settings of the interval test: one compilation).

@@ -192,7 +192,13 @@ def adaptive(
         )
         quadratic, linear = _model_terms(coefficients, curvature, gradient_products)
         model_change = quadratic / 2 + linear
-        finite = jnp.logical_not(skipped) & jnp.isfinite(model_change)
+        # A non-finite batch loss (a NaN term whose gradients are finite)
+        # would turn off the cap and the trust-region test: skipped too.
+        finite = (
+            jnp.logical_not(skipped)
+            & jnp.isfinite(model_change)
+            & jnp.isfinite(model.loss)
+        )
         count = state.preconditioner.count
         due = (
             finite
@@ -223,9 +229,9 @@ def adaptive(
             fresh_batch_change=jnp.where(due, fresh_change, state.fresh_batch_change),
             rejected_steps=state.rejected_steps + rejected.astype(jnp.int32),
         )
-        # A skipped step (non-finite gradients, statistics or model) moves
-        # nothing and keeps the state, apart from the preconditioner's count
-        # of skipped steps.
+        # A skipped step (non-finite gradients, statistics, model or loss)
+        # moves nothing and keeps the state, apart from the preconditioner's
+        # count of skipped steps.
         kept = state._replace(
             preconditioner=state.preconditioner._replace(
                 skipped_steps=optax.safe_increment(state.preconditioner.skipped_steps)
