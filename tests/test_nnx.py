@@ -299,7 +299,7 @@ def test_other_state_is_updated_as_nnx_value_and_grad_does():
     model = Noisy(nnx.Rngs(0, dropout=1))
     twin = nnx.clone(model)
     x, y = _batch("mlp")
-    x = x[:, :3].astype(jnp.float32)
+    x, y = x[:, :3].astype(jnp.float32), y % 2  # Noisy has two classes
     curvature = oek.nnx.Curvature(nnx_loss)
 
     @nnx.jit
@@ -309,6 +309,7 @@ def test_other_state_is_updated_as_nnx_value_and_grad_does():
         return (loss, grads), reference
 
     (loss, grads), (ref_loss, ref_grads) = run(model, twin)
+    assert np.isfinite(loss)
     chex.assert_trees_all_close(loss, ref_loss, rtol=1e-6)
     chex.assert_trees_all_close(
         nnx.to_pure_dict(grads), nnx.to_pure_dict(ref_grads), rtol=1e-5, atol=1e-7
@@ -405,3 +406,95 @@ def test_linen_params_are_refused():
     params = LinenMLP().init(jax.random.key(0), jnp.ones((1, 5)))["params"]
     with pytest.raises(TypeError, match="use optax_ekfac.Curvature"):
         oek.nnx.Curvature(nnx_loss).layers(params, jnp.ones((2, 5)), jnp.zeros(2))
+
+
+def test_micro_batches_give_the_whole_batch():
+    """`oek.accumulated` of an nnx `Curvature`, two micro-batches of 3
+    against one batch of 6: the loss, the gradients (an `nnx.State`), the
+    statistics, and the loss model's loss and Gauss-Newton products."""
+    model = NnxMLP(nnx.Rngs(1))
+    x, y = _batch("mlp")
+    curvature = oek.nnx.Curvature(nnx_loss)
+    accumulated = oek.accumulated(curvature, num_micro_batches=2)
+    vectors = [
+        jax.tree.map(
+            lambda p, key=key: jax.random.normal(key, p.shape, p.dtype),
+            nnx.state(model, nnx.Param),
+        )
+        for key in jax.random.split(jax.random.key(5), 2)
+    ]
+
+    @nnx.jit
+    def run(model):
+        def summary(loss, grads, stats):
+            loss_model = stats.loss_model
+            moved = jax.tree.map(jnp.add, loss_model.params, vectors[0])
+            return (
+                loss,
+                grads,
+                stats.layers,
+                stats.num_terms,
+                loss_model.loss_at(moved),
+                loss_model.curvature_products(vectors),
+            )
+
+        return (
+            summary(*curvature.value_grad_and_stats(model, x, y)),
+            summary(*accumulated(model, x, y)),
+        )
+
+    whole, micro = run(model)
+    loss, grads, layers, num_terms, moved_loss, products = micro
+    assert isinstance(grads, nnx.State)
+    np.testing.assert_allclose(loss, whole[0], rtol=1e-12)
+    chex.assert_trees_all_close(
+        nnx.to_pure_dict(grads), nnx.to_pure_dict(whole[1]), rtol=1e-10
+    )
+    chex.assert_trees_all_close(layers, whole[2], rtol=1e-12)
+    assert num_terms == whole[3] == len(x)
+    np.testing.assert_allclose(moved_loss, whole[4], rtol=1e-12)
+    assert moved_loss != loss
+    np.testing.assert_allclose(products, whole[5], rtol=1e-10)
+
+
+def test_micro_batches_carry_the_other_state_from_one_to_the_next():
+    """BatchNorm statistics and the Dropout stream's count go through the
+    micro-batches as through one `value_grad_and_stats` call per
+    micro-batch, and end in the model; the loss model evaluates each
+    micro-batch with the dropout masks its gradients saw."""
+    model = Noisy(nnx.Rngs(0, dropout=1))
+    twin = nnx.clone(model)
+    x, y = _batch("mlp")
+    x, y = x[:, :3].astype(jnp.float32), y % 2  # Noisy has two classes
+    curvature = oek.nnx.Curvature(nnx_loss)
+    accumulated = oek.accumulated(curvature, num_micro_batches=2)
+
+    @nnx.jit
+    def run(model, twin):
+        loss, grads, stats = accumulated(model, x, y)
+        loss_model = stats.loss_model
+        halves = [
+            curvature.value_grad_and_stats(twin, x[i : i + 3], y[i : i + 3])[:2]
+            for i in (0, 3)
+        ]
+        return (loss, grads, loss_model.loss_at(loss_model.params)), halves
+
+    (loss, grads, loss_at), halves = run(model, twin)
+    assert np.isfinite(loss)
+    np.testing.assert_allclose(loss, (halves[0][0] + halves[1][0]) / 2, rtol=1e-6)
+    np.testing.assert_allclose(loss_at, loss, rtol=1e-6)
+    chex.assert_trees_all_close(
+        nnx.to_pure_dict(grads),
+        jax.tree.map(
+            lambda a, b: (a + b) / 2,
+            nnx.to_pure_dict(halves[0][1]),
+            nnx.to_pure_dict(halves[1][1]),
+        ),
+        rtol=1e-5,
+        atol=1e-7,
+    )
+    chex.assert_trees_all_close(
+        nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)),
+        nnx.to_pure_dict(nnx.state(twin, nnx.BatchStat)),
+    )
+    assert int(model.dropout.rngs.count[...]) == int(twin.dropout.rngs.count[...]) == 2

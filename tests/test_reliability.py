@@ -181,6 +181,63 @@ def test_apply_if_finite_rejects_the_step_and_training_goes_on(problem):
     chex.assert_tree_all_finite(params)
 
 
+def test_out_of_range_class_labels_are_refused_not_trained_on():
+    """Class indices outside `[0, 10)` (10, or -1 that indexing would read
+    as class 9): traced, their loss and gradients are NaN and the adaptive
+    `ekfac` skips the step (float32, jitted); concrete, the helper raises
+    naming `labels`. A padded term (weight 0) may carry any label."""
+    model = nn.Sequential([nn.Dense(8), jnp.tanh, nn.Dense(10)])
+    x = jax.random.normal(jax.random.key(1), (16, 5), jnp.float32)
+    labels = jax.random.randint(jax.random.key(2), (16,), 0, 10)
+    mask = jnp.ones(16, bool)
+    params = model.init(jax.random.key(0), x)["params"]
+
+    def loss_fn(params, x, labels, mask):
+        logits = model.apply({"params": params}, x)
+        return oek.softmax_cross_entropy(logits, labels, weights=mask)
+
+    curvature = oek.Curvature(loss_fn)
+    tx = oek.ekfac(curvature.layers(params, x, labels, mask))
+
+    @jax.jit
+    def step(params, state, labels, mask):
+        loss, grads, stats = curvature.value_grad_and_stats(params, x, labels, mask)
+        updates, state = tx.update(grads, state, params, stats=stats)
+        return optax.apply_updates(params, updates), state, loss, grads
+
+    params, state, _, _ = step(params, tx.init(params), labels, mask)  # taken
+    for bad in (jnp.full_like(labels, 10), labels.at[3].set(-1)):
+        new_params, new_state, loss, grads = step(params, state, bad, mask)
+        assert np.isnan(loss) and not np.isfinite(_distance(grads, grads))
+        chex.assert_trees_all_equal(new_params, params)
+        skipped = state.preconditioner.skipped_steps
+        assert new_state.preconditioner.skipped_steps == skipped + 1
+        chex.assert_trees_all_equal(
+            new_state._replace(
+                preconditioner=new_state.preconditioner._replace(skipped_steps=skipped)
+            ),
+            state,
+        )
+    padded, padding = labels.at[:4].set(-1), mask.at[:4].set(False)
+    padded_params, _, padded_loss, _ = step(params, state, padded, padding)
+    other_params, _, other_loss, _ = step(params, state, labels, padding)
+    assert np.isfinite(padded_loss) and padded_loss == other_loss
+    chex.assert_trees_all_equal(padded_params, other_params)
+    assert _distance(padded_params, params) > 0
+
+    logits = jnp.zeros((4, 10))
+    with pytest.raises(
+        ValueError, match=r"^softmax_cross_entropy: labels .*\[0, 10\).* -1 at \(2,\)"
+    ):
+        oek.softmax_cross_entropy(logits, jnp.array([0, 9, -1, 3]))
+    with pytest.raises(ValueError, match=r"^softmax_cross_entropy: labels .* 10 at"):
+        oek.softmax_cross_entropy(logits, np.array([10, 0, 1, 2]))
+    losses = oek.softmax_cross_entropy(
+        logits, jnp.array([0, 9, -1, 3]), weights=jnp.array([1, 1, 0, 1])
+    )
+    np.testing.assert_allclose(losses, np.log(10) * np.array([1, 1, 0, 1]), rtol=1e-6)
+
+
 # --- ill-conditioned and rank-deficient curvature -------------------------------
 
 

@@ -9,17 +9,21 @@ Pinned here:
 * the first update is `α Δ`, `Δ = -P_λ g` the `scale_by_ekfac` direction at
   the initial damping, `α` the minimizer of the damped quadratic model;
 * a later update is `α Δ + β δ` from the damped 2x2 system, `β` clipped to
-  `[0, max_momentum]` (then `α` solved again), or a fixed `momentum`;
+  `[0, max_momentum]` (then `α` solved again), or a fixed `momentum`,
+  dropped where the model predicts its step uphill;
 * where that model promises a decrease larger than the batch's loss (softmax
   cross-entropy on its flat tail), `(α, β)` scaled down to promise the loss
   exactly, in float64 and in a jitted float32 update;
 * the Levenberg-Marquardt damping: the reduction ratio `ρ`, the factor
   `ω = damping_decay ** interval` and its direction, the `[1/4, 3/4]` band
   where nothing changes, the `[min_damping, max_damping]` clip, the interval,
-  and a fixed `damping`;
-* a non-finite step (gradients, statistics or quadratic model) moves nothing
-  and only counts itself; the errors for bad inputs and settings; a jitted
-  float32 run; `optax.inject_hyperparams` on the fixed-learning-rate path.
+  a fixed `damping`, and `λ ω` after a step too small to judge (float32
+  against float64);
+* a zero gradient is a zero step that still updates the statistics;
+* a non-finite step (gradients, statistics, quadratic model or batch loss)
+  moves nothing and only counts itself; the errors for bad inputs and
+  settings; a jitted float32 run; `optax.inject_hyperparams` on the
+  fixed-learning-rate path.
 
 References are dense and built here, in float64: parameters flattened with
 `ravel_pytree`, `J = jax.jacobian` of the model's outputs, `H = jax.hessian` of
@@ -579,6 +583,24 @@ def test_fixed_momentum_solves_for_the_step_size_alone(first, second):
     )
 
 
+def test_a_fixed_momentum_the_model_predicts_uphill_is_dropped(first, second):
+    """A previous update pointing uphill and a fixed `β`: with `α` solved for
+    alone, the damped model predicts an increase, a step no test could judge;
+    the update is `α Δ` with `β = 0`, and the reduction ratio judges it."""
+    velocity = jax.tree.map(lambda v: -3 * v, second.state.velocity)
+    state = second.state._replace(velocity=velocity)
+    updates, new_state = second_update(first, second, state, momentum=0.5)
+    curvature, inner, b = quadratic_model(
+        second.ggn, second.grads, second.direction, velocity
+    )
+    damped = curvature + second.damping * inner
+    alpha = -(b[0] + damped[0, 1] * 0.5) / damped[0, 0]
+    assert predicted_change(damped, b, [alpha, 0.5]) > 0  # uphill with momentum
+    coefficients = [-b[0] / damped[0, 0], 0.0]
+    assert_second_update(updates, new_state, second, velocity, coefficients)
+    assert new_state.model_change < 0 and np.isfinite(new_state.reduction_ratio)
+
+
 def test_fixed_momentum_is_zero_without_a_previous_update(first, second):
     """`δ = 0` (as at the first update): `β = 0` whatever `momentum` is."""
     zeros = optax.tree.zeros_like(second.state.velocity)
@@ -835,8 +857,8 @@ def test_a_step_below_the_losss_round_off_is_taken_unjudged(case):
     eps of the loss, or a loss of exactly 0), `ρ` would be round-off over
     round-off (0 where the fitted batch's loss stays 0, which read as a
     step that raised the loss: rejected and the damping ten times larger):
-    the step is taken, and the damping, the ratio and the counts of
-    rejected and skipped steps stay as they were."""
+    the step is taken, the ratio and the counts of rejected and skipped
+    steps stay as they were, and the damping falls by `ω`."""
     params, loss_fn, batch = fitted_float32_batch(case)
     curvature = oek.Curvature(loss_fn)
     tx = oek.ekfac(curvature.layers(params, *batch))
@@ -847,7 +869,7 @@ def test_a_step_below_the_losss_round_off_is_taken_unjudged(case):
         assert loss == 0 and 0 < np.max(np.abs(flat(grads))) < 1e-10
     else:
         assert -new_state.model_change <= 100 * np.finfo(np.float32).eps * loss
-    assert new_state.damping == state.damping
+    assert_close(new_state.damping, state.damping * 0.9, rtol=1e-6)
     assert np.isnan(new_state.reduction_ratio)
     assert new_state.rejected_steps == 0
     assert new_state.preconditioner.skipped_steps == 0
@@ -1060,7 +1082,19 @@ def nan_loss_model(grads, stats):
     )
 
 
-@pytest.mark.parametrize("corrupt", [nan_grads, nan_statistics, nan_loss_model])
+def nan_loss(grads, stats):
+    """Finite gradients, statistics and quadratic model, a NaN batch loss (a
+    loss term that is NaN without a gradient): the cap on the predicted
+    decrease and the trust-region test can't judge the step."""
+    model = stats.loss_model
+    return grads, stats._replace(
+        loss_model=dataclasses.replace(model, loss=jnp.full_like(model.loss, jnp.nan))
+    )
+
+
+@pytest.mark.parametrize(
+    "corrupt", [nan_grads, nan_statistics, nan_loss_model, nan_loss]
+)
 def test_non_finite_step_moves_nothing_and_only_counts_itself(first, second, corrupt):
     grads, stats = corrupt(second.grads, second.stats)
     # Due at every update (the settings of the interval test: one compilation).
@@ -1183,6 +1217,95 @@ def test_jitted_float32_training_on_one_example_stays_finite():
     for value in (state.damping, state.learning_rate, state.momentum):
         assert value.shape == () and np.isfinite(value)
     assert state.preconditioner.count + state.preconditioner.skipped_steps == 30
+
+
+def fresh_batch_training(num_steps, dtype=jnp.float32, input_scale=1.0, **settings):
+    """`num_steps` `ekfac(layers, **settings)` steps of `float32_training`'s
+    MLP, each on a new batch of 64 (one jitted scan); what the state logged
+    after each step, stacked."""
+    model = nn.Sequential(
+        [nn.Dense(16, param_dtype=dtype), jnp.tanh, nn.Dense(3, param_dtype=dtype)]
+    )
+    rng = np.random.default_rng(1)
+    x = input_scale * rng.standard_normal((num_steps, 64, 5))
+    labels = jnp.argmax(x @ rng.standard_normal((5, 3)), axis=-1).astype(jnp.int32)
+    x = jnp.asarray(x, dtype)
+    params = init_params(model, x[0])
+
+    def loss_fn(params, x, labels):
+        return oek.softmax_cross_entropy(model.apply({"params": params}, x), labels)
+
+    curvature = oek.Curvature(loss_fn)
+    tx = oek.ekfac(curvature.layers(params, x[0], labels[0]), **settings)
+
+    def train_step(carry, batch):
+        params, state = carry
+        _, grads, stats = curvature.value_grad_and_stats(params, *batch)
+        updates, state = tx.update(grads, state, params, stats=stats)
+        logged = state._replace(preconditioner=None, velocity=None)
+        return (optax.apply_updates(params, updates), state), logged
+
+    run = jax.jit(
+        lambda params: jax.lax.scan(train_step, (params, tx.init(params)), (x, labels))
+    )
+    return run(params)[1]
+
+
+def test_a_large_damping_comes_down_through_steps_too_small_to_judge():
+    """float32 at `initial_damping=1e4`, inputs of scale 0.1: every step's
+    predicted decrease is below the loss's round-off, so no `ρ` judges it;
+    the damping falls by `ω` at each, as in float64, where the same steps
+    are judged (`ρ ≈ 1 > 3/4`)."""
+    steps, settings = 5, dict(input_scale=0.1, initial_damping=1e4)
+    float32 = fresh_batch_training(steps, **settings)
+    float64 = fresh_batch_training(steps, jnp.float64, **settings)
+    assert np.all(np.isnan(float32.reduction_ratio))
+    assert np.all(float64.reduction_ratio > 0.75)
+    expected = 1e4 * 0.9 ** np.arange(1, steps + 1)
+    assert_close(float32.damping, expected, rtol=1e-5)
+    assert_close(float64.damping, expected)
+    assert np.all(float32.model_change < 0) and np.all(float32.rejected_steps == 0)
+
+
+def test_a_fixed_momentum_takes_no_step_the_model_predicts_uphill():
+    """float32, `momentum=0.9` over 40 fresh batches: where the momentum's
+    step is predicted uphill, the update goes without it."""
+    logged = fresh_batch_training(40, momentum=0.9)
+    assert np.all(logged.model_change <= 0)
+    assert np.any(logged.momentum == 0.9) and np.all(logged.rejected_steps < 40)
+
+
+def test_a_zero_gradient_is_a_zero_step_with_the_statistics_updated():
+    """An exactly zero gradient (zero weights and targets): `α = 0`, not
+    `0 / 0`; nothing is skipped, and the statistics update the factors."""
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((8, 3)), jnp.float32)
+    targets = jnp.zeros((8, 2), jnp.float32)
+    params = {
+        "kernel": jnp.zeros((3, 2), jnp.float32),
+        "bias": jnp.zeros(2, jnp.float32),
+    }
+    model = nn.Dense(2)
+
+    def loss_fn(params, x, targets):
+        return oek.squared_error(model.apply({"params": params}, x), targets)
+
+    curvature = oek.Curvature(loss_fn)
+    tx = oek.ekfac(curvature.layers(params, x, targets), momentum=0.9)
+    _, grads, stats = jax.jit(curvature.value_grad_and_stats)(params, x, targets)
+    assert not np.any(flat(grads))
+    state = tx.init(params)
+    updates, new_state = jax.jit(tx.update)(grads, state, params, stats=stats)
+    assert not np.any(flat(updates))
+    assert new_state.preconditioner.count == 1
+    assert new_state.preconditioner.skipped_steps == 0
+    assert new_state.learning_rate == 0 and new_state.model_change == 0
+    rows = np.concatenate([np.asarray(x), np.ones((8, 1))], axis=1)
+    assert_close(
+        new_state.preconditioner.blocks["(root)"].input_factor,
+        rows.T @ rows / 8,
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 # ----------------------------------------------------------------------------

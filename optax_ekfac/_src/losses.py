@@ -50,6 +50,7 @@ from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 
@@ -212,13 +213,24 @@ def _weighted(
     sample: Callable[[jax.Array, jax.Array, int], jax.Array],
     negative_log_likelihood: Callable[[jax.Array, jax.Array], jax.Array],
     weights,
+    invalid_terms: jax.Array | None = None,
 ) -> jax.Array:
     """The helpers' common tail: marks the predictions, records sampled
     losses and returns `w * losses(marked predictions)` (the losses plus the
-    sampling's loss perturbation, if any, before the weights)."""
+    sampling's loss perturbation, if any, before the weights).
+
+    `invalid_terms` (a bool per loss term, or None) marks terms whose labels
+    have no loss: their losses are multiplied by NaN, so that the loss and
+    the gradients are NaN, unless their weight is 0 (padding)."""
     predictions = _marked(predictions)
     result = losses(predictions)
     term_weights = _term_weights(name, result, weights)
+    if invalid_terms is not None:
+        if term_weights is not None:
+            invalid_terms = invalid_terms & (term_weights != 0)
+        # A factor, not a replaced value: the gradients are NaN too, so every
+        # optimizer, not only the adaptive step, sees a non-finite step.
+        result = result * jnp.where(invalid_terms, jnp.nan, 1).astype(result.dtype)
     perturbation = _record_sampled_losses(
         predictions, sample, negative_log_likelihood
     )
@@ -276,10 +288,10 @@ def softmax_cross_entropy(
 
     Args:
         logits: `[..., C]` unnormalized log-probabilities.
-        labels: `[...]` integer class indices (a trailing axis of size 1,
-            `[..., 1]`, is accepted too; bool counts as 0 and 1), or `[..., C]`
-            one-hot (or any probability vectors).
-
+        labels: `[...]` integer class indices in `[0, C)` (a trailing axis
+            of size 1, `[..., 1]`, is accepted too; bool counts as 0 and 1),
+            or `[..., C]` one-hot (or any probability vectors). See
+            `Out-of-range labels` below.
         weights: optional `[...]` weight of each loss term (a bool padding
             mask, or non-negative numbers): see `Weights` below.
 
@@ -288,7 +300,17 @@ def softmax_cross_entropy(
 
     Raises:
         ValueError: `labels` fit neither layout, e.g. floats of shape
-            `logits.shape[:-1]` (class indices must be integers).
+            `logits.shape[:-1]` (class indices must be integers), or concrete
+            (not traced) class indices outside `[0, C)` on a term whose weight
+            is not 0.
+
+    Out-of-range labels: an integer label below 0 or at least `C` is refused,
+    never read as a class (a negative one is not counted from the end). Given
+    concrete labels (outside `jax.jit`), the helper raises a ValueError
+    naming `labels`; traced labels can't raise, so such a term's loss and
+    its gradients are NaN, and `ekfac` skips the step as it skips any step
+    with non-finite gradients. A term whose weight is 0 (padding) may carry
+    any label: its loss is 0, as for every padded term.
 
     Under a Monte-Carlo Fisher capture it also records the losses of classes
     sampled from `softmax(logits)`.
@@ -312,10 +334,17 @@ def softmax_cross_entropy(
         0.0
     """
     labels = _class_labels(logits, jnp.asarray(labels))
+    invalid_terms = None
     if labels.ndim == logits.ndim:
         loss = optax.softmax_cross_entropy
     else:
         loss = optax.softmax_cross_entropy_with_integer_labels
+        num_classes = logits.shape[-1]
+        invalid_terms = (labels < 0) | (labels >= num_classes)
+        _refuse_concrete_out_of_range(labels, num_classes, weights)
+        # A valid index in their place: a gather out of range gives a NaN
+        # loss but finite gradients, and a negative index counts from the end.
+        labels = jnp.where(invalid_terms, 0, labels)
     return _weighted(
         "softmax_cross_entropy",
         logits,
@@ -325,6 +354,37 @@ def softmax_cross_entropy(
         ),
         optax.softmax_cross_entropy_with_integer_labels,
         weights,
+        invalid_terms,
+    )
+
+
+def _refuse_concrete_out_of_range(labels: jax.Array, num_classes: int, weights) -> None:
+    """Raises a ValueError for concrete class indices outside `[0, C)` on
+    terms whose weight is not 0; traced ones are left to the NaN losses."""
+    arrays = (labels,) if weights is None else (labels, weights)
+    if any(
+        isinstance(array, jax.core.Tracer)
+        or not getattr(array, "is_fully_addressable", True)
+        for array in arrays
+    ):
+        return
+    values = np.asarray(labels)
+    invalid = (values < 0) | (values >= num_classes)
+    if weights is not None:
+        if np.shape(weights) != invalid.shape:
+            return  # refused by the weights' own check
+        invalid = invalid & (np.asarray(weights) != 0)
+    if not invalid.any():
+        return
+    positions = np.argwhere(invalid)
+    shown = ", ".join(
+        f"{values[tuple(p)]} at {tuple(int(i) for i in p)}" for p in positions[:3]
+    )
+    raise ValueError(
+        f"softmax_cross_entropy: labels must be class indices in [0, "
+        f"{num_classes}) for logits of {num_classes} classes; got {shown}"
+        f"{' and more' if len(positions) > 3 else ''} ({len(positions)} "
+        "labels out of range). Mask terms without a class with weights=0."
     )
 
 

@@ -36,7 +36,9 @@ needed (see the step-control note):
 
 A step whose predicted decrease the loss cannot show (below `100 eps |L|`,
 or a loss of exactly 0: a batch already fitted) is taken without either
-test, and the damping is left as it is: its `ρ` would be round-off.
+test, its `ρ` would be round-off; the damping falls by `ω`, since a damping
+much larger than the curvature makes every step that small. With a fixed
+momentum, a step the model predicts uphill takes `β = 0` instead.
 
 The step costs the preconditioner, one linearization of the model's outputs
 with two tangents, two products with the loss's Hessian at the outputs and,
@@ -192,13 +194,16 @@ def adaptive(
         )
         quadratic, linear = _model_terms(coefficients, curvature, gradient_products)
         model_change = quadratic / 2 + linear
-        finite = jnp.logical_not(skipped) & jnp.isfinite(model_change)
-        count = state.preconditioner.count
-        due = (
-            finite
-            & _resolvable(model_change, model.loss)
-            & (count % adaptation.damping_adaptation_interval == 0)
+        # A non-finite batch loss (a NaN term whose gradients are finite)
+        # would turn off the cap and the trust-region test: skipped too.
+        finite = (
+            jnp.logical_not(skipped)
+            & jnp.isfinite(model_change)
+            & jnp.isfinite(model.loss)
         )
+        count = state.preconditioner.count
+        adapting = finite & (count % adaptation.damping_adaptation_interval == 0)
+        due = adapting & _resolvable(model_change, model.loss)
         ratio, fresh_change = _ratios(model, step, state, model_change, due)
         # The trust-region test: a step whose batch loss fell by a tenth of the
         # predicted decrease or less (or rose, or is NaN) is not taken.
@@ -209,7 +214,13 @@ def adaptive(
             # The previous update was rejected (its model change is zeroed).
             rejected_before = (state.model_change == 0) & (count > 0)
             damping = _levenberg_marquardt(
-                damping, ratio, overfitted, due, rejected_before, adaptation
+                damping,
+                ratio,
+                overfitted,
+                due,
+                adapting & jnp.logical_not(due),
+                rejected_before,
+                adaptation,
             )
         step = optax.tree.where(rejected, optax.tree.zeros_like(step), step)
         new_state = EkfacState(
@@ -223,9 +234,9 @@ def adaptive(
             fresh_batch_change=jnp.where(due, fresh_change, state.fresh_batch_change),
             rejected_steps=state.rejected_steps + rejected.astype(jnp.int32),
         )
-        # A skipped step (non-finite gradients, statistics or model) moves
-        # nothing and keeps the state, apart from the preconditioner's count
-        # of skipped steps.
+        # A skipped step (non-finite gradients, statistics, model or loss)
+        # moves nothing and keeps the state, apart from the preconditioner's
+        # count of skipped steps.
         kept = state._replace(
             preconditioner=state.preconditioner._replace(
                 skipped_steps=optax.safe_increment(state.preconditioner.skipped_steps)
@@ -270,17 +281,28 @@ def _coefficients(
 
     With no previous update (`δ = 0`) or a fixed momentum, `α` alone; an
     adapted `β` outside `[0, max_momentum]` is clipped and `α` solved again.
+    A fixed `β` whose step the model predicts uphill (`δ` raises this
+    batch's loss more than `α Δ` can lower it) is replaced by 0: that step
+    could not be judged. A zero gradient (`Δ = 0`) gives `α = 0`.
     """
     c = damped_curvature
     b = gradient_products
 
     def alpha_given(beta):
-        return -(b[0] + c[0, 1] * beta) / c[0, 0]
+        # `c[0, 0] = 0` only where `Δ = 0`: then there is nothing to scale.
+        solvable = c[0, 0] > 0
+        return jnp.where(
+            solvable, -(b[0] + c[0, 1] * beta) / jnp.where(solvable, c[0, 0], 1), 0
+        )
 
     if adaptation.momentum is not None:
         beta = jnp.asarray(adaptation.momentum, c.dtype)
         beta = jnp.where(c[1, 1] > 0, beta, 0)
-        return jnp.stack([alpha_given(beta), beta])
+        with_momentum = jnp.stack([alpha_given(beta), beta])
+        quadratic, linear = _model_terms(with_momentum, c, b)
+        downhill = quadratic / 2 + linear < 0
+        without = jnp.stack([alpha_given(jnp.zeros_like(beta)), jnp.zeros_like(beta)])
+        return jnp.where(downhill, with_momentum, without)
     determinant = c[0, 0] * c[1, 1] - c[0, 1] ** 2
     solvable = determinant > 1e-6 * c[0, 0] * c[1, 1]
     safe = jnp.where(solvable, determinant, 1)
@@ -378,13 +400,14 @@ def _ratios(model, step, state, model_change, due) -> tuple[jax.Array, jax.Array
 
 
 def _levenberg_marquardt(
-    damping, ratio, overfitted, due, rejected_before, adaptation
+    damping, ratio, overfitted, due, unjudged, rejected_before, adaptation
 ) -> jax.Array:
     """The damping after a reduction ratio `ratio` (where `due`): smaller
     where the model predicted the batch's loss well, larger where it did not
     or where the previous step `overfitted` (raised a fresh batch's loss),
     ten times larger where the step raised the loss or is rejected after a
-    rejected one."""
+    rejected one. Smaller after a step too small to judge (`unjudged`): a
+    large damping makes every step that small, and could never come down."""
     omega = adaptation.damping_decay**adaptation.damping_adaptation_interval
     worse = jnp.logical_not(ratio >= _LOWER_RATIO) | overfitted
     better = (ratio > _UPPER_RATIO) & jnp.logical_not(overfitted)
@@ -396,7 +419,7 @@ def _levenberg_marquardt(
     rejected_again = jnp.logical_not(ratio > _MIN_ACCEPTED_RATIO) & rejected_before
     tenfold = due & (raised | rejected_again)
     new_damping = jnp.select(
-        [tenfold, due & better, due & worse],
+        [tenfold, (due & better) | unjudged, due & worse],
         [damping * _REJECTION_DAMPING_GROWTH, damping * omega, damping / omega],
         damping,
     )

@@ -276,10 +276,11 @@ def ekfac(
     the others held where they are; `accumulated` gives it the whole batch's
     loss model.
 
-    A step whose gradients or statistics (or, adapted, the quadratic model)
-    hold a NaN or an infinity is skipped as a whole: the updates are zeros
-    and the state is unchanged except `skipped_steps` of the
-    `ScaleByEkfacState`; the decision is made inside the compiled step.
+    A step whose gradients or statistics (or, adapted, the quadratic model
+    or the batch's loss) hold a NaN or an infinity is skipped as a whole:
+    the updates are zeros and the state is unchanged except `skipped_steps`
+    of the `ScaleByEkfacState`; the decision is made inside the compiled
+    step.
 
     Args:
         layers: the blocks, from `Curvature.layers`.
