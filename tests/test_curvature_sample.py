@@ -252,3 +252,18 @@ def test_the_default_sample_holds_32_sequences_of_token_losses(tokens):
     curvature = oek.Curvature(tokens["loss_fn"])
     _, _, stats = curvature.value_grad_and_stats(tokens["params"], data)
     assert stats.num_terms == 32 * 20 and stats.num_batch_terms == 40 * 20
+
+
+def test_accumulated_micro_batches_each_give_their_sample(mlp):
+    """Two micro-batches of 8, a bound of 3: rows 0-2 and 8-10, the loss and
+    gradients of all 16."""
+    params, x, y = mlp["params"], mlp["x"], mlp["y"]
+    sampled = oek.Curvature(mlp["loss_fn"], max_curvature_terms=3)
+    loss, grads, stats = oek.accumulated(sampled, 2)(params, x, y)
+    whole = oek.Curvature(mlp["loss_fn"], max_curvature_terms="all")
+    expected_loss, expected_grads, _ = whole.value_grad_and_stats(params, x, y)
+    rows = jnp.array([0, 1, 2, 8, 9, 10])
+    _, _, expected = whole.value_grad_and_stats(params, x[rows], y[rows])
+    chex.assert_trees_all_close((loss, grads), (expected_loss, expected_grads))
+    assert stats.num_terms == 6 and float(stats.num_batch_terms) == NUM_EXAMPLES
+    chex.assert_trees_all_close(stats.layers, expected.layers)
