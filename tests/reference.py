@@ -6,6 +6,8 @@ respect to perturbations, example by example, independently of the library's
 interceptor (for which `perturb` is a no-op).
 """
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -137,3 +139,51 @@ def assert_same_basis(basis, reference_basis, atol=1e-8):
     """Equal up to the sign of each column."""
     overlap = np.abs(np.asarray(basis).T @ np.asarray(reference_basis))
     np.testing.assert_allclose(overlap, np.eye(overlap.shape[0]), atol=atol)
+
+
+# --- block-diagonal factors (`max_factor_dim`) ----------------------------------
+
+
+def diagonal_blocks(dim, max_factor_dim):
+    """`(start, stop)` of each diagonal block of a side of `dim` coordinates:
+    one block unless `dim - 1 > max_factor_dim` (one more for a bias row),
+    else `k = ceil((dim - 1) / max)` consecutive blocks of `ceil(dim / k)`
+    coordinates, the last one shorter."""
+    if max_factor_dim is None or dim - 1 <= max_factor_dim:
+        return [(0, dim)]
+    size = math.ceil(dim / math.ceil((dim - 1) / max_factor_dim))
+    return [(start, min(start + size, dim)) for start in range(0, dim, size)]
+
+
+def off_blocks_zeroed(factor, blocks):
+    """The dense factor with its entries outside the diagonal blocks zeroed."""
+    zeroed = np.zeros_like(factor)
+    for start, stop in blocks:
+        zeroed[start:stop, start:stop] = factor[start:stop, start:stop]
+    return zeroed
+
+
+def blockwise_eigh(factor, blocks):
+    """Eigenvalues (block by block) and the block-diagonal eigenbasis of a
+    factor whose off-block entries are zero."""
+    eigenvalues, basis = [], np.zeros_like(factor)
+    for start, stop in blocks:
+        values, vectors = np.linalg.eigh(factor[start:stop, start:stop])
+        eigenvalues.append(values)
+        basis[start:stop, start:stop] = vectors
+    return np.concatenate(eigenvalues), basis
+
+
+def as_dense(array, dim):
+    """A library factor or eigenbasis as one `(dim, dim)` matrix: its diagonal
+    blocks `(k, b, b)` placed on the diagonal, padded rows and columns
+    cropped; a dense one as it is."""
+    array = np.asarray(array)
+    if array.shape[-1] == dim:
+        return array
+    num_blocks, size = array.shape[:2]
+    dense = np.zeros((num_blocks * size,) * 2)
+    for block in range(num_blocks):
+        rows = slice(block * size, (block + 1) * size)
+        dense[rows, rows] = array[block]
+    return dense[:dim, :dim]

@@ -29,6 +29,13 @@ samples); `A` averages `a aᵀ` over all rows (examples, positions, calls);
 example `n`'s summed loss; embeddings have a diagonal `A`, `U_A = I` and
 per-position scalings, and a tied `attend` call is one more call of the same
 block with its sides swapped.
+
+With `max_factor_dim`, a side of `d - 1 > max_factor_dim` coordinates is
+block-diagonal: the reference zeroes the off-block entries of its dense
+factor (`k = ceil((d - 1) / max_factor_dim)` consecutive blocks of
+`ceil(d / k)`, the last one shorter), decomposes each diagonal block with
+`np.linalg.eigh`, and solves against the block-diagonal eigenbases, the
+scalings again from `vmap(grad)` per-example gradients in those bases.
 """
 
 import dataclasses
@@ -55,6 +62,8 @@ NUM_SAMPLES = 3
 # Reference eigenvalues must be this far apart (relative to the largest) for
 # eigenvectors to be compared one by one.
 MIN_RELATIVE_EIGENGAP = 1e-4
+# Small enough to block a side of every problem, with sizes it does not divide.
+MAX_FACTOR_DIM = 2
 
 
 # --- models: one per layer kind, with token (per-position) losses -------------
@@ -456,6 +465,9 @@ class _BlockReference:
     output_eigenvalues: np.ndarray
     input_basis: np.ndarray | None  # None for embeddings (the identity)
     output_basis: np.ndarray
+    # (start, stop) of each diagonal block of a side (one: dense)
+    input_blocks: list | None  # None for embeddings
+    output_blocks: list
     scalings: np.ndarray
     kfac_scalings: np.ndarray
     update: np.ndarray  # solve(Q diag(S) Qᵀ + λ I, vec g) as [G, in, out]
@@ -475,15 +487,23 @@ def _solve_update(input_basis, output_basis, scalings, gradient, damping):
     return direction.reshape(gradient.shape)
 
 
-def _embedding_reference(vocabulary_rows, feature_rows, gradient, num_terms, damping):
+def _embedding_reference(
+    vocabulary_rows, feature_rows, gradient, num_terms, damping, max_factor_dim
+):
     """An embedding block (one group) from its vocabulary-side rows (one-hot
     ids, then attend's logit output gradients) and feature-side rows (lookup
     output gradients, then attend's queries): diagonal `A`, `U_A = I`,
     per-position scalings."""
     n, positions = vocabulary_rows.shape[:2]
     input_factor = np.square(vocabulary_rows).sum((0, 1)) / (n * positions)
-    output_factor = np.einsum("npi,npj->ij", feature_rows, feature_rows) / num_terms
-    output_eigenvalues, output_basis = _eigh(output_factor)
+    output_blocks = reference.diagonal_blocks(feature_rows.shape[-1], max_factor_dim)
+    output_factor = reference.off_blocks_zeroed(
+        np.einsum("npi,npj->ij", feature_rows, feature_rows) / num_terms,
+        output_blocks,
+    )
+    output_eigenvalues, output_basis = reference.blockwise_eigh(
+        output_factor, output_blocks
+    )
     # Each position its own example: Σ_{n,p} a² ⊗ (U_Bᵀ d)².
     scalings = (
         np.einsum(
@@ -502,6 +522,8 @@ def _embedding_reference(vocabulary_rows, feature_rows, gradient, num_terms, dam
         output_eigenvalues=output_eigenvalues,
         input_basis=None,
         output_basis=output_basis,
+        input_blocks=None,
+        output_blocks=output_blocks,
         scalings=scalings,
         kfac_scalings=np.outer(input_factor, np.maximum(output_eigenvalues, 0)),
         update=_solve_update(identity, output_basis, scalings, gradient, damping),
@@ -509,15 +531,29 @@ def _embedding_reference(vocabulary_rows, feature_rows, gradient, num_terms, dam
 
 
 def _kronecker_reference(
-    input_rows, output_rows, per_example, gradient, num_terms, damping
+    input_rows, output_rows, per_example, gradient, num_terms, damping, max_factor_dim
 ):
     """A block (one group) from its rows `[N, positions, dim]`, and the exact
-    scalings from its `vmap(grad)` per-example gradients `[N, in, out]`."""
+    scalings from its `vmap(grad)` per-example gradients `[N, in, out]`; the
+    factors' off-block entries zeroed where a side is wider than
+    `max_factor_dim`."""
     n, positions = input_rows.shape[:2]
-    input_factor = np.einsum("npi,npj->ij", input_rows, input_rows) / (n * positions)
-    output_factor = np.einsum("npi,npj->ij", output_rows, output_rows) / num_terms
-    input_eigenvalues, input_basis = _eigh(input_factor)
-    output_eigenvalues, output_basis = _eigh(output_factor)
+    input_blocks = reference.diagonal_blocks(input_rows.shape[-1], max_factor_dim)
+    output_blocks = reference.diagonal_blocks(output_rows.shape[-1], max_factor_dim)
+    input_factor = reference.off_blocks_zeroed(
+        np.einsum("npi,npj->ij", input_rows, input_rows) / (n * positions),
+        input_blocks,
+    )
+    output_factor = reference.off_blocks_zeroed(
+        np.einsum("npi,npj->ij", output_rows, output_rows) / num_terms,
+        output_blocks,
+    )
+    input_eigenvalues, input_basis = reference.blockwise_eigh(
+        input_factor, input_blocks
+    )
+    output_eigenvalues, output_basis = reference.blockwise_eigh(
+        output_factor, output_blocks
+    )
     projected = np.einsum("ji,njo,op->nip", input_basis, per_example, output_basis)
     scalings = np.square(projected).sum(0) / num_terms
     return dict(
@@ -528,6 +564,8 @@ def _kronecker_reference(
         output_eigenvalues=output_eigenvalues,
         input_basis=input_basis,
         output_basis=output_basis,
+        input_blocks=input_blocks,
+        output_blocks=output_blocks,
         scalings=scalings,
         kfac_scalings=np.outer(
             np.maximum(input_eigenvalues, 0), np.maximum(output_eigenvalues, 0)
@@ -536,7 +574,9 @@ def _kronecker_reference(
     )
 
 
-def _block_reference(kind, calls, passes, layout, has_bias, num_terms, damping):
+def _block_reference(
+    kind, calls, passes, layout, has_bias, num_terms, damping, max_factor_dim
+):
     """Factors, eigenbases, scalings and the update of one block.
 
     `num_terms` is what the output-gradient sums divide by: the loss terms `N`
@@ -550,17 +590,22 @@ def _block_reference(kind, calls, passes, layout, has_bias, num_terms, damping):
         rows = _embedding_rows(
             calls, passes["inputs"], passes["output_grads"], layout.kernel_rows
         )
-        groups = [_embedding_reference(*rows, gradient[0], num_terms, damping)]
+        groups = [
+            _embedding_reference(*rows, gradient[0], num_terms, damping, max_factor_dim)
+        ]
     else:
         rows = _group_rows(
             kind, calls, passes["inputs"], passes["output_grads"], layout, has_bias
         )
         groups = [
-            _kronecker_reference(*group, num_terms, damping)
+            _kronecker_reference(*group, num_terms, damping, max_factor_dim)
             for group in zip(*rows, per_example, gradient)
         ]
+    side_blocks = ("input_blocks", "output_blocks")  # the same for every group
     stacked = {
-        name: None if value is None else np.stack([group[name] for group in groups])
+        name: value
+        if value is None or name in side_blocks
+        else np.stack([group[name] for group in groups])
         for name, value in groups[0].items()
     }
     return _BlockReference(
@@ -573,7 +618,9 @@ def _block_reference(kind, calls, passes, layout, has_bias, num_terms, damping):
     )
 
 
-def _references(problem, params, passes, num_terms, damping=DAMPING):
+def _references(
+    problem, params, passes, num_terms, damping=DAMPING, max_factor_dim=None
+):
     """Block path -> `_BlockReference`, for every recorded module."""
     calls = _recorded_calls(problem.model, params, problem.x[:1])
     by_path: dict[str, list] = {}
@@ -586,7 +633,14 @@ def _references(problem, params, passes, num_terms, damping=DAMPING):
         leaves = _leaf(params, path)
         layout = _layout(kind, module, leaves)
         references[path] = _block_reference(
-            kind, path_calls, passes, layout, "bias" in leaves, num_terms, damping
+            kind,
+            path_calls,
+            passes,
+            layout,
+            "bias" in leaves,
+            num_terms,
+            damping,
+            max_factor_dim,
         )
     return references
 
@@ -611,16 +665,17 @@ PROBLEMS = ["dense", "attention", "conv", "embed", "tied"]
 
 
 @functools.cache
-def _run(name: str) -> dict:
+def _run(name: str, max_factor_dim: int | None = None) -> dict:
     """The library's statistics, EKFAC and K-FAC states and EKFAC update after
     one step on a fresh state, and this file's reference pass: one compiled
-    function per problem, run once per session."""
+    function per problem (and `max_factor_dim`), run once per session."""
     problem = _problem(name)
     params = problem.model.init(jax.random.key(1), problem.x)["params"]
     curvature = oek.Curvature(_library_loss_fn(problem))
     layers = curvature.layers(params, problem.x, problem.y)
-    ekfac = oek.scale_by_ekfac(layers, damping=DAMPING)
-    kfac = oek.scale_by_ekfac(layers, damping=DAMPING, eigenvalue_correction=False)
+    settings = dict(damping=DAMPING, max_factor_dim=max_factor_dim)
+    ekfac = oek.scale_by_ekfac(layers, **settings)
+    kfac = oek.scale_by_ekfac(layers, eigenvalue_correction=False, **settings)
 
     @jax.jit
     def run(params, x, y):
@@ -644,7 +699,9 @@ def _run(name: str) -> dict:
         kfac_state=kfac_state,
         passes=passes,
         num_terms=num_terms,
-        references=_references(problem, params, passes, num_terms),
+        references=_references(
+            problem, params, passes, num_terms, max_factor_dim=max_factor_dim
+        ),
     )
 
 
@@ -653,10 +710,21 @@ def problem(request):
     return _run(request.param)
 
 
-def _assert_eigengaps(eigenvalues, what):
-    eigenvalues = np.sort(np.asarray(eigenvalues))
-    gaps = np.diff(eigenvalues) / eigenvalues[-1]
-    assert gaps.min() > MIN_RELATIVE_EIGENGAP, (what, eigenvalues)
+def _assert_eigengaps(eigenvalues, what, blocks=None):
+    """Distinct eigenvalues within each diagonal block (those of different
+    blocks never mix)."""
+    for start, stop in blocks or [(0, len(eigenvalues))]:
+        block = np.sort(np.asarray(eigenvalues[start:stop]))
+        if len(block) > 1:
+            gaps = np.diff(block) / block[-1]
+            assert gaps.min() > MIN_RELATIVE_EIGENGAP, (what, block)
+
+
+def _dense_groups(array, groups, dim):
+    """A library factor or eigenbasis, `[G, dim, dim]` (blocks made dense)."""
+    return np.stack(
+        [reference.as_dense(group, dim) for group in _grouped(array, groups)]
+    )
 
 
 def _assert_same_basis(basis, reference_basis, what):
@@ -673,35 +741,49 @@ def _check_blocks(layers, ekfac_state, kfac_state, update, references):
         state = ekfac_state.blocks[path]
         groups = ref.num_groups
 
-        def close(actual, expected, what, groups=groups, path=path):
-            actual = _grouped(actual, groups)
+        def close(actual, expected, what, path=path):
+            # `actual` with a leading group axis, like `expected`
             chex.assert_shape(actual, expected.shape)
             np.testing.assert_allclose(
                 actual, expected, rtol=1e-9, atol=1e-12, err_msg=f"{path}: {what}"
             )
 
-        close(state.input_factor, ref.input_factor, "A")
-        close(state.output_factor, ref.output_factor, "B")
+        input_dim, output_dim = ref.scalings.shape[-2:]
+        close(
+            _dense_groups(state.input_factor, groups, input_dim), ref.input_factor, "A"
+        )
+        close(
+            _dense_groups(state.output_factor, groups, output_dim),
+            ref.output_factor,
+            "B",
+        )
         for group in range(groups):
             name = f"{path} group {group}"
-            _assert_eigengaps(ref.output_eigenvalues[group], f"{name}: eigvals(B)")
+            _assert_eigengaps(
+                ref.output_eigenvalues[group], f"{name}: eigvals(B)", ref.output_blocks
+            )
             _assert_same_basis(
-                _grouped(state.output_eigenbasis, groups)[group],
+                _dense_groups(state.output_eigenbasis, groups, output_dim)[group],
                 ref.output_basis[group],
                 f"{name}: U_B",
             )
             if ref.input_basis is None:
                 assert state.input_eigenbasis is None, path
             else:
-                _assert_eigengaps(ref.input_eigenvalues[group], f"{name}: eigvals(A)")
+                _assert_eigengaps(
+                    ref.input_eigenvalues[group],
+                    f"{name}: eigvals(A)",
+                    ref.input_blocks,
+                )
                 _assert_same_basis(
-                    _grouped(state.input_eigenbasis, groups)[group],
+                    _dense_groups(state.input_eigenbasis, groups, input_dim)[group],
                     ref.input_basis[group],
                     f"{name}: U_A",
                 )
-        close(state.scalings, ref.scalings, "EKFAC scalings")
+        close(_grouped(state.scalings, groups), ref.scalings, "EKFAC scalings")
         if kfac_state is not None:
-            close(kfac_state.blocks[path].scalings, ref.kfac_scalings, "K-FAC scalings")
+            kfac_scalings = _grouped(kfac_state.blocks[path].scalings, groups)
+            close(kfac_scalings, ref.kfac_scalings, "K-FAC scalings")
         np.testing.assert_allclose(
             ref.layout.matrices(_leaf(update, path), lead=0),
             ref.update,
@@ -745,6 +827,80 @@ def test_blocks_match_brute_force(problem):
         problem["update"],
         problem["references"],
     )
+
+
+# Dense (both sides), a grouped Conv and a tied Embed's feature side: the
+# attention's DenseGeneral blocks share Dense's rows-to-factors code.
+@pytest.mark.parametrize("name", ["dense", "conv", "tied"])
+def test_blocked_factors_match_brute_force_with_off_block_entries_zeroed(name):
+    """With `max_factor_dim` below the dimension of some sides (among them
+    sizes it does not divide), each such factor is the dense one with its
+    off-block entries zeroed, stored as its diagonal blocks `(k, b, b)`; the
+    eigenbases, the EKFAC and K-FAC scalings, the update and the dense views
+    (`kfac_block`, `ekfac_block`) are those of the block-diagonal factors.
+
+    Independent of the library as `test_blocks_match_brute_force` is: the
+    reference zeroes the off-block entries of its own dense factors,
+    decomposes each diagonal block with `np.linalg.eigh`, takes the scalings
+    of `vmap(grad)` per-example gradients in the block-diagonal bases and
+    solves against `Q diag(S) Qᵀ + λ I`. The padding of a last, shorter
+    block stays out of the real coordinates: zero rows and columns of the
+    factor, its own unit vectors as the basis's last vectors.
+    """
+    problem = _run(name, MAX_FACTOR_DIM)
+    _check_blocks(
+        problem["layers"],
+        problem["ekfac_state"],
+        problem["kfac_state"],
+        problem["update"],
+        problem["references"],
+    )
+    paddings = []
+    for path, ref in problem["references"].items():
+        state = problem["ekfac_state"].blocks[path]
+        groups = ref.num_groups
+        sides = [(state.output_factor, state.output_eigenbasis, ref.output_blocks)]
+        if ref.input_blocks is not None:
+            sides.append((state.input_factor, state.input_eigenbasis, ref.input_blocks))
+        for factor, basis, blocks in sides:
+            if len(blocks) == 1:
+                continue
+            size, dim = blocks[0][1], blocks[-1][1]
+            padding = len(blocks) * size - dim
+            paddings.append(padding)
+            real = size - padding  # coordinates of the last block
+            for group_factor, group_basis in zip(
+                _grouped(factor, groups), _grouped(basis, groups)
+            ):
+                chex.assert_shape(
+                    [group_factor, group_basis], (len(blocks), size, size)
+                )
+                np.testing.assert_array_equal(group_factor[-1][real:], 0)
+                np.testing.assert_array_equal(group_factor[-1][:, real:], 0)
+                last = np.abs(group_basis[-1])
+                np.testing.assert_allclose(last[real:, real:], np.eye(padding))
+                np.testing.assert_allclose(last[:real, real:], 0, atol=1e-12)
+                np.testing.assert_allclose(last[real:, :real], 0, atol=1e-12)
+        # The dense views: kron of the block-diagonal factors; Q diag(S) Qᵀ.
+        kfac, ekfac = [], []
+        for group in range(groups):
+            input_factor = ref.input_factor[group]
+            input_basis = ref.input_basis
+            if input_basis is None:  # an embedding: diagonal A, U_A = I
+                input_factor = np.diag(input_factor)
+                input_basis = np.eye(len(input_factor))
+            else:
+                input_basis = input_basis[group]
+            kfac.append(np.kron(input_factor, ref.output_factor[group]))
+            basis = np.kron(input_basis, ref.output_basis[group])
+            ekfac.append(basis @ np.diag(ref.scalings[group].ravel()) @ basis.T)
+        np.testing.assert_allclose(
+            _grouped(oek.kfac_block(state), groups), kfac, rtol=1e-9, atol=1e-12
+        )
+        np.testing.assert_allclose(
+            _grouped(oek.ekfac_block(state), groups), ekfac, rtol=1e-7, atol=1e-10
+        )
+    assert any(paddings), paddings
 
 
 def test_tied_diagnostics_match_vmap_grad():

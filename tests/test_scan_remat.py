@@ -287,10 +287,15 @@ class KindsModel(nn.Module):
 
 
 @pytest.mark.parametrize("kind", ["grouped_conv", "embed"])
-def test_grouped_conv_and_embed_in_a_scan_equal_the_unrolled_twins(kind):
+@pytest.mark.parametrize("max_factor_dim", [None, 2])
+def test_grouped_conv_and_embed_in_a_scan_equal_the_unrolled_twins(
+    kind, max_factor_dim
+):
     """Grouped blocks (a vmap over groups inside the vmap over layers) and
     diagonal input factors (token ids) stacked by a scan: two refreshes of
-    the scanned model give the unrolled twin's updates, layer by layer."""
+    the scanned model give the unrolled twin's updates, layer by layer; also
+    with block-diagonal factors (`max_factor_dim=2`: the conv's 7-wide input
+    side, the embedding's and the Dense's sides in blocks of 2 or 3)."""
     batch = _batch()
     unrolled_params = KindsModel(kind, scanned=False).init(
         jax.random.key(3), batch[0]
@@ -306,7 +311,7 @@ def test_grouped_conv_and_embed_in_a_scan_equal_the_unrolled_twins(kind):
             params = _scanned_params(unrolled_params, "scan")
         curvature = oek.Curvature(_loss_fn(model))
         layers = curvature.layers(params, *batch)
-        tx = oek.scale_by_ekfac(layers, **SETTINGS)
+        tx = oek.scale_by_ekfac(layers, max_factor_dim=max_factor_dim, **SETTINGS)
         state = tx.init(params)
         step = jax.jit(curvature.value_grad_and_stats)
         for seed in (0, 1):

@@ -37,6 +37,7 @@ from optax_ekfac._src.blocks import (
     over_stack,
 )
 from optax_ekfac._src.capture import Statistics
+from optax_ekfac._src.curvature import dense_matrix
 from optax_ekfac._src.state import BlockState, ScaleByEkfacState
 
 
@@ -137,7 +138,8 @@ def kfac_block(block_state: BlockState) -> jax.Array:
 
     Returns:
         `kron(A, B)`, `(D, D)` (`(G, D, D)` for a grouped block), from the
-        state's running averages of the factors.
+        state's running averages of the factors; a block-diagonal factor
+        (`max_factor_dim`) as its dense matrix, zero off its blocks.
 
     Example:
         >>> tx = optax_ekfac.scale_by_ekfac(layers)
@@ -145,12 +147,16 @@ def kfac_block(block_state: BlockState) -> jax.Array:
         >>> optax_ekfac.kfac_block(ekfac_state.blocks["Dense_0"]).shape  # (D, D)
         (144, 144)
     """
-    if block_state.output_factor.ndim > 2:  # groups, or a stack
+    if block_state.scalings.ndim > 2:  # groups, or a stack
         return jax.vmap(kfac_block)(block_state)
+    input_dim, output_dim = block_state.scalings.shape
     input_factor = block_state.input_factor
     if input_factor.ndim == 1:  # a diagonal input factor (embeddings)
         input_factor = jnp.diag(input_factor)
-    return jnp.kron(input_factor, block_state.output_factor)
+    return jnp.kron(
+        dense_matrix(input_factor, input_dim),
+        dense_matrix(block_state.output_factor, output_dim),
+    )
 
 
 def ekfac_block(block_state: BlockState) -> jax.Array:
@@ -162,9 +168,10 @@ def ekfac_block(block_state: BlockState) -> jax.Array:
 
     Returns:
         `(U_A ⊗ U_B) diag(vec S) (U_A ⊗ U_B)ᵀ`, `(D, D)` (`(G, D, D)` for a
-        grouped block), undamped. With `eigenvalue_correction=False` the
-        scalings are K-FAC's and this is `kfac_block` with the factors as of
-        the last eigendecomposition.
+        grouped block), undamped; block-diagonal eigenbases
+        (`max_factor_dim`) as their dense matrices. With
+        `eigenvalue_correction=False` the scalings are K-FAC's and this is
+        `kfac_block` with the factors as of the last eigendecomposition.
 
     Example:
         >>> tx = optax_ekfac.scale_by_ekfac(layers)
@@ -172,14 +179,16 @@ def ekfac_block(block_state: BlockState) -> jax.Array:
         >>> optax_ekfac.ekfac_block(ekfac_state.blocks["Dense_0"]).shape  # (D, D)
         (144, 144)
     """
-    if block_state.output_factor.ndim > 2:  # groups, or a stack
+    if block_state.scalings.ndim > 2:  # groups, or a stack
         return jax.vmap(ekfac_block)(block_state)
+    input_dim, output_dim = block_state.scalings.shape
     input_basis = block_state.input_eigenbasis
     if input_basis is None:  # a diagonal input factor: U_A = I
-        input_basis = jnp.eye(
-            block_state.scalings.shape[0], dtype=block_state.scalings.dtype
-        )
-    basis = jnp.kron(input_basis, block_state.output_eigenbasis)
+        input_basis = jnp.eye(input_dim, dtype=block_state.scalings.dtype)
+    basis = jnp.kron(
+        dense_matrix(input_basis, input_dim),
+        dense_matrix(block_state.output_eigenbasis, output_dim),
+    )
     return (basis * block_state.scalings.reshape(-1)) @ basis.T
 
 

@@ -10,6 +10,8 @@ Scalings = Literal["exact", "per_position"]
 WeightSharing = Literal["expand", "reduce"]
 
 _DEFAULT_MAX_PER_EXAMPLE_ELEMENTS = 2**22
+# Chosen by benchmarks/factor_blocks.py (see benchmarks/README.md).
+_DEFAULT_MAX_FACTOR_DIM = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +27,7 @@ class Options:
     scalings: Scalings = "exact"
     weight_sharing: WeightSharing = "expand"
     max_per_example_elements: int | None = None
+    max_factor_dim: int | None = None
     factor_dtype: Any = None
     eigh_dtype: Any = None
     distribute_eigh: bool = True
@@ -49,6 +52,13 @@ class Options:
         if self.max_per_example_elements is None:
             return _DEFAULT_MAX_PER_EXAMPLE_ELEMENTS
         return int(self.max_per_example_elements)
+
+    @property
+    def factor_dim_limit(self) -> int:
+        """`max_factor_dim`, its default filled in."""
+        if self.max_factor_dim is None:
+            return _DEFAULT_MAX_FACTOR_DIM
+        return int(self.max_factor_dim)
 
 
 DEFAULTS = Options()

@@ -12,6 +12,7 @@ updates and the eigenbases every `eigen_update_every`; both are `lax.cond`s
 on the count (`Schedule`), so one compiled step serves every step.
 """
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -77,22 +78,26 @@ def maybe_refreshed(
     )
 
 
-def initial_block_state(block: Block, dtype: Any) -> BlockState:
-    """Zero factors and scalings, identity eigenbases (replaced at update 1)."""
+def initial_block_state(
+    block: Block, dtype: Any, max_factor_dim: int | None = None
+) -> BlockState:
+    """Zero factors and scalings, identity eigenbases (replaced at update 1);
+    a side wider than `max_factor_dim` block-diagonal, `[k, b, b]`."""
     stack = block.stack + ((block.num_groups,) if block.grouped else ())
-
-    def eye(size):
-        return jnp.broadcast_to(jnp.eye(size, dtype=dtype), stack + (size, size))
-
     input_dim, output_dim = block.input_dim, block.output_dim
+    input_shape = curvature.factor_shape(input_dim, max_factor_dim)
+    output_shape = curvature.factor_shape(output_dim, max_factor_dim)
+
+    def eye(shape):
+        return jnp.broadcast_to(jnp.eye(shape[-1], dtype=dtype), stack + shape)
+
     return BlockState(
         input_factor=jnp.zeros(
-            stack + ((input_dim,) if block.diagonal_input else (input_dim,) * 2),
-            dtype,
+            stack + ((input_dim,) if block.diagonal_input else input_shape), dtype
         ),
-        output_factor=jnp.zeros(stack + (output_dim, output_dim), dtype),
-        input_eigenbasis=None if block.diagonal_input else eye(input_dim),
-        output_eigenbasis=eye(output_dim),
+        output_factor=jnp.zeros(stack + output_shape, dtype),
+        input_eigenbasis=None if block.diagonal_input else eye(input_shape),
+        output_eigenbasis=eye(output_shape),
         scalings=jnp.zeros(stack + (input_dim, output_dim), dtype),
     )
 
@@ -242,44 +247,56 @@ def _eigenbases(
 
     With `options.distribute_eigh` and a mesh whose `options.axis_name` has
     `D > 1` devices, each device decomposes about `1/D` of the factors
-    (balanced by `G d³`, `G` groups of `d x d`) and the results are shared;
-    a stacked block's layers are tasks of their own there, and one batched
-    eigh otherwise.
+    (balanced by `G k b³`, `G` groups of `k` diagonal blocks of `b x b`, one
+    block of `d x d` where a side is not blocked) and the results are shared;
+    a stacked block's layers and a block-diagonal factor's blocks are tasks
+    of their own there, and one batched eigh otherwise.
     """
     distribute = options.distribute_eigh and sharding.axis_size(options.axis_name) > 1
     matrices: list[jax.Array] = []
     costs: list[float] = []
-    stack_dims: list[int] = []  # leading stack axes of each task
+    batch_dims: list[int] = []  # leading axes of each task decomposed one by one
+    sides: list[tuple[int, tuple[int, ...], bool]] = []  # dim, split axes, split?
     for block in blocks:
         input_factor, output_factor = factors[block.name]
         # A diagonal input factor (embeddings): nothing to decompose.
-        own = (output_factor,) if block.diagonal_input else factors[block.name]
-        for factor in own:
-            cost = block.num_groups * factor.shape[-1] ** 3
-            if distribute and block.stack:
-                elements = factor.reshape((-1,) + factor.shape[len(block.stack) :])
-                matrices += list(elements)
-                costs += [cost] * block.num_stacked
-                stack_dims += [0] * block.num_stacked
+        own = [(output_factor, block.output_dim)]
+        if not block.diagonal_input:
+            own.insert(0, (input_factor, block.input_dim))
+        for factor, dim in own:
+            factor = curvature.isolated_padding(factor, dim)
+            # Decomposed one matrix at a time (or spread as tasks): a stacked
+            # block's layers, and a block-diagonal factor's groups and blocks.
+            if curvature.is_blocked(factor, dim):
+                num_split = factor.ndim - 2
+            else:
+                num_split = len(block.stack)
+            split = factor.shape[:num_split]
+            cost = math.prod(factor.shape[num_split:-2]) * factor.shape[-1] ** 3
+            if distribute and split:
+                matrices += list(factor.reshape((-1,) + factor.shape[num_split:]))
+                costs += [cost] * math.prod(split)
+                batch_dims += [0] * math.prod(split)
             else:
                 matrices.append(factor)
-                costs.append(cost * block.num_stacked)
-                stack_dims.append(len(block.stack))
+                costs.append(cost * math.prod(split))
+                batch_dims.append(num_split)
+            sides.append((dim, split, distribute and bool(split)))
 
     def eigh(factor):
         return curvature.symmetric_eigh(factor, options.eigh_dtype)
 
-    def eigh_of_stack(factor, num_stack_dims):
-        if not num_stack_dims or jax.default_backend() != "cpu":
+    def eigh_one_by_one(factor, num_batch_dims):
+        if not num_batch_dims or jax.default_backend() != "cpu":
             return eigh(factor)
         # jaxlib's CPU eigh spreads a batch over XLA's intra-op threads and
         # waits for them: two batched calls running at once can each hold the
         # thread the other waits for (a deadlock, seen on 2 cores with a
-        # scanned transformer's stacked factors). One layer at a time.
-        stack = factor.shape[:num_stack_dims]
-        flat = factor.reshape((-1,) + factor.shape[num_stack_dims:])
+        # scanned transformer's stacked factors). One matrix at a time.
+        batch = factor.shape[:num_batch_dims]
+        flat = factor.reshape((-1,) + factor.shape[num_batch_dims:])
         return jax.tree.map(
-            lambda result: result.reshape(stack + result.shape[1:]),
+            lambda result: result.reshape(batch + result.shape[1:]),
             jax.lax.map(eigh, flat),
         )
 
@@ -287,19 +304,22 @@ def _eigenbases(
         decomposed = sharding.map_over_axis(eigh, matrices, costs, options.axis_name)
     else:
         decomposed = [
-            eigh_of_stack(matrix, num_stack_dims)
-            for matrix, num_stack_dims in zip(matrices, stack_dims)
+            eigh_one_by_one(matrix, num_batch_dims)
+            for matrix, num_batch_dims in zip(matrices, batch_dims)
         ]
-    results = iter(decomposed)
+    results, side_specs = iter(decomposed), iter(sides)
 
-    def next_decomposed(block):
-        if not (distribute and block.stack):
-            return next(results)
-        elements = [next(results) for _ in range(block.num_stacked)]
-        return jax.tree.map(
-            lambda *parts: jnp.stack(parts).reshape(block.stack + parts[0].shape),
-            *elements,
-        )
+    def next_side():
+        dim, split, was_split = next(side_specs)
+        if was_split:
+            elements = [next(results) for _ in range(math.prod(split))]
+            eigenvalues, basis = jax.tree.map(
+                lambda *parts: jnp.stack(parts).reshape(split + parts[0].shape),
+                *elements,
+            )
+        else:
+            eigenvalues, basis = next(results)
+        return curvature.real_eigenvalues(eigenvalues, dim), basis
 
     bases = {}
     for block in blocks:
@@ -308,8 +328,8 @@ def _eigenbases(
         if block.diagonal_input:
             input_eigenvalues, input_basis = jnp.maximum(input_factor, 0), None
         else:
-            input_eigenvalues, input_basis = next_decomposed(block)
-        output_eigenvalues, output_basis = next_decomposed(block)
+            input_eigenvalues, input_basis = next_side()
+        output_eigenvalues, output_basis = next_side()
         kfac_scalings = curvature.kfac_scalings(input_eigenvalues, output_eigenvalues)
         bases[block.name] = (input_basis, output_basis, kfac_scalings)
     return bases

@@ -12,13 +12,25 @@ class BlockState(NamedTuple):
     a stacked block (`Block.stack`, e.g. `L` layers under `nn.scan`) has the
     stack's axes before those.
 
+    A side of `d` coordinates with `d - 1 > max_factor_dim` is
+    block-diagonal: its factor and its eigenbasis are
+    `k = ceil((d - 1) / max_factor_dim)` diagonal blocks of one size
+    `b = ceil(d / k)`, `(k, b, b)` (after any group and stack axes), the
+    coordinates in order (block `i` holds `i b` to `(i + 1) b - 1`) and the
+    last block padded with `k b - d` coordinates: zero rows and
+    columns in the factor, the last basis vectors of the last block (the unit
+    vectors of those coordinates) in the eigenbasis. The scalings keep the
+    real shape: the first `d` of the `k b` basis vectors are the real ones.
+
     Attributes:
-        input_factor: `A`, `(input_dim, input_dim)`; for an embedding the
-            diagonal of `A`, `(input_dim,)`.
-        output_factor: `B`, `(output_dim, output_dim)`.
-        input_eigenbasis: `U_A`, eigenvectors of `A` in its columns; None for
-            an embedding (the identity).
-        output_eigenbasis: `U_B`, eigenvectors of `B` in its columns.
+        input_factor: `A`, `(input_dim, input_dim)` or blocked `(k, b, b)`;
+            for an embedding the diagonal of `A`, `(input_dim,)`.
+        output_factor: `B`, `(output_dim, output_dim)` or blocked `(k, b, b)`.
+        input_eigenbasis: `U_A`, eigenvectors of `A` in its columns (of each
+            diagonal block's, blocked), the shape of `A`; None for an
+            embedding (the identity).
+        output_eigenbasis: `U_B`, eigenvectors of `B` in its columns, the
+            shape of `B`.
         scalings: `S`, `(input_dim, output_dim)`: the curvature along each
             pair of eigenvectors, before damping.
     """

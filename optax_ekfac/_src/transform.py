@@ -49,6 +49,7 @@ def scale_by_ekfac(
     scalings: Scalings = DEFAULTS.scalings,
     weight_sharing: WeightSharing = DEFAULTS.weight_sharing,
     max_per_example_elements: int | None = DEFAULTS.max_per_example_elements,
+    max_factor_dim: int | None = DEFAULTS.max_factor_dim,
     factor_dtype: Any = DEFAULTS.factor_dtype,
     eigh_dtype: Any = DEFAULTS.eigh_dtype,
     distribute_eigh: bool = DEFAULTS.distribute_eigh,
@@ -141,6 +142,19 @@ def scale_by_ekfac(
             sharded), for `scalings="exact"`; None for `2**22`. It sets array
             shapes, so under `optax.inject_hyperparams` name it in
             `static_args`.
+        max_factor_dim: the widest side a Kronecker factor is kept dense
+            on, besides a bias row. A side of `d` coordinates with
+            `d - 1 > max_factor_dim` (a vocabulary-sized output head) gets a
+            block-diagonal factor and eigenbasis, as Shampoo blocks its
+            preconditioners: `k = ceil((d - 1) / max_factor_dim)` diagonal
+            blocks of one size `b = ceil(d / k)` (see `BlockState`), whose
+            curvature between blocks is dropped. Memory `d b` instead of
+            `d²`, `k` eigendecompositions of `b x b` instead of one of
+            `d x d`, and rotations costing `b / d` of the dense ones'. None
+            for 1024, which keeps layers up to 1024 features (and a bias)
+            dense; a number at least the widest side keeps every factor
+            dense. It sets array shapes, so under `optax.inject_hyperparams`
+            name it in `static_args`.
         factor_dtype: dtype of the curvature state; by default each block's
             kernel dtype promoted to at least float32 (bfloat16 activations
             then still give float32 factors).
@@ -177,6 +191,7 @@ def scale_by_ekfac(
             scalings=scalings,
             weight_sharing=weight_sharing,
             max_per_example_elements=max_per_example_elements,
+            max_factor_dim=max_factor_dim,
             factor_dtype=factor_dtype,
             eigh_dtype=eigh_dtype,
             distribute_eigh=distribute_eigh,
@@ -200,7 +215,7 @@ def scale_by_ekfac(
         # Under optax.multi_transform / optax.masked: the blocks it receives.
         active = partial.restricted(layers, updates)
         stats = partial.restricted_stats(layers, active, stats)
-        stats, grads = _checked_inputs(active, updates, state, stats)
+        stats, grads = _checked_inputs(active, updates, state, stats, options)
         # One flag for the whole step, computed in the compiled step: a NaN or
         # an infinity anywhere in the gradients or statistics skips the
         # refresh (no eigh of a NaN factor) and leaves the state as it was.
@@ -242,6 +257,7 @@ def ekfac(
     scalings: Scalings = DEFAULTS.scalings,
     weight_sharing: WeightSharing = DEFAULTS.weight_sharing,
     max_per_example_elements: int | None = DEFAULTS.max_per_example_elements,
+    max_factor_dim: int | None = DEFAULTS.max_factor_dim,
     factor_dtype: Any = DEFAULTS.factor_dtype,
     eigh_dtype: Any = DEFAULTS.eigh_dtype,
     distribute_eigh: bool = DEFAULTS.distribute_eigh,
@@ -301,9 +317,10 @@ def ekfac(
         max_momentum: the largest adapted `β`.
         decay, eigen_update_every, stats_update_every,
         eigenvalue_correction, scalings, weight_sharing,
-        max_per_example_elements, factor_dtype, eigh_dtype, distribute_eigh,
-        axis_name: as in `scale_by_ekfac`. The numeric ones can be scheduled
-            with `optax.inject_hyperparams`, as for `optax.adamw`.
+        max_per_example_elements, max_factor_dim, factor_dtype, eigh_dtype,
+        distribute_eigh, axis_name: as in `scale_by_ekfac`. The numeric ones
+            can be scheduled with `optax.inject_hyperparams`, as for
+            `optax.adamw`.
 
     Returns:
         An `optax.GradientTransformationExtraArgs` whose update takes `stats=`.
@@ -333,6 +350,7 @@ def ekfac(
             scalings=scalings,
             weight_sharing=weight_sharing,
             max_per_example_elements=max_per_example_elements,
+            max_factor_dim=max_factor_dim,
             factor_dtype=factor_dtype,
             eigh_dtype=eigh_dtype,
             distribute_eigh=distribute_eigh,
@@ -414,7 +432,7 @@ def _initial_state(
 
     blocks = {
         block.name: refresh.initial_block_state(
-            block, dtype_of(leaves[block.param_paths[0]])
+            block, dtype_of(leaves[block.param_paths[0]]), options.factor_dim_limit
         )
         for block in layers.blocks
     }
@@ -433,14 +451,14 @@ def _initial_state(
 
 
 def _checked_inputs(
-    layers: Layers, updates: optax.Updates, state: Any, stats: Any
+    layers: Layers, updates: optax.Updates, state: Any, stats: Any, options: Options
 ) -> tuple[Statistics, dict]:
     """The statistics and the gradients by path, once they and the state fit
     the layers."""
     validation.check_not_under_multi_steps()
     validation.check_stats(layers, stats)
     grads = validation.checked_leaves(layers, updates, "updates")
-    validation.check_state(layers, state, grads)
+    validation.check_state(layers, state, grads, options.factor_dim_limit)
     return stats, grads
 
 

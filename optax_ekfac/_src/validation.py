@@ -15,11 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_ekfac._src import callers
+from optax_ekfac._src import callers, curvature
 from optax_ekfac._src.blocks import Block, Layers, LayerStats, leaves_by_path
 from optax_ekfac._src.capture import Statistics
 from optax_ekfac._src.options import Adaptation, Options, Scalings, WeightSharing
-from optax_ekfac._src.state import ScaleByEkfacState
+from optax_ekfac._src.state import BlockState, ScaleByEkfacState
 
 SCALE_BY_EKFAC = "scale_by_ekfac"
 EKFAC = "ekfac"
@@ -29,7 +29,10 @@ _HYPERPARAMETERS = (
     "eigen_update_every",
     "stats_update_every",
     "max_per_example_elements",
+    "max_factor_dim",
 )
+# Hyperparameters that set array shapes: None allowed, never traced.
+_SHAPE_SETTINGS = ("max_per_example_elements", "max_factor_dim")
 
 
 def error(
@@ -127,8 +130,9 @@ def _param_sizes(block: Block) -> tuple[int, ...]:
     return (kernel, features) if block.has_bias else (kernel,)
 
 
-def check_state(layers: Layers, state: Any, grads: dict) -> None:
-    """Raises unless `state` is this transformation's state for these layers."""
+def check_state(layers: Layers, state: Any, grads: dict, max_factor_dim: int) -> None:
+    """Raises unless `state` is this transformation's state for these layers
+    (its factors blocked as `max_factor_dim` says)."""
     if not isinstance(state, ScaleByEkfacState):
         raise error(
             SCALE_BY_EKFAC,
@@ -154,6 +158,7 @@ def check_state(layers: Layers, state: Any, grads: dict) -> None:
                 f"{(block.input_dim, block.output_dim)}; is the state from "
                 "another model?",
             )
+        _check_factor_shapes(block, state.blocks[block.name], max_factor_dim)
     fallback = {"/".join(path) for path in layers.fallback}
     if set(state.second_moments) != fallback:
         raise error(
@@ -169,6 +174,27 @@ def check_state(layers: Layers, state: Any, grads: dict) -> None:
                 SCALE_BY_EKFAC,
                 f"updates hold {key} of shape {shape}, the state "
                 f"{moment.shape}; is the state from another model?",
+            )
+
+
+def _check_factor_shapes(
+    block: Block, block_state: BlockState, max_factor_dim: int
+) -> None:
+    """Raises unless the factors are dense or block-diagonal as
+    `max_factor_dim` makes them (not a state from another `max_factor_dim`)."""
+    sides = [("output_factor", block.output_dim)]
+    if not block.diagonal_input:
+        sides.insert(0, ("input_factor", block.input_dim))
+    for name, dim in sides:
+        expected = curvature.factor_shape(dim, max_factor_dim)
+        held = getattr(block_state, name).shape
+        if held[len(held) - len(expected) :] != expected:
+            raise error(
+                SCALE_BY_EKFAC,
+                f"the state holds {name} of shape {held} for {block.name}, "
+                f"whose side of {dim} needs {expected} with "
+                f"max_factor_dim={max_factor_dim}; is the state from another "
+                "model or another max_factor_dim?",
             )
 
 
@@ -287,7 +313,7 @@ def _check_hyperparameters(options: Options) -> None:
     named = {name: getattr(options, name) for name in _HYPERPARAMETERS}
     values = {}
     for name, value in named.items():
-        if value is None and name == "max_per_example_elements":
+        if value is None and name in _SHAPE_SETTINGS:
             continue
         if callable(value):
             raise error(
@@ -303,12 +329,12 @@ def _check_hyperparameters(options: Options) -> None:
                 f"{name} must be a scalar, got shape {jnp.shape(value)}.",
             )
         if isinstance(value, jax.core.Tracer):
-            if name == "max_per_example_elements":
+            if name in _SHAPE_SETTINGS:
                 raise error(
                     SCALE_BY_EKFAC,
-                    "max_per_example_elements sets array shapes, "
+                    f"{name} sets array shapes, "
                     "so it cannot be traced: with optax.inject_hyperparams, "
-                    "pass static_args=('max_per_example_elements',).",
+                    f"pass static_args=('{name}',).",
                 )
             continue
         value = np.asarray(value)
@@ -330,6 +356,7 @@ def _check_hyperparameters(options: Options) -> None:
         "eigen_update_every",
         "stats_update_every",
         "max_per_example_elements",
+        "max_factor_dim",
     ):
         value = values.get(name)
         if value is not None and not (value >= 1 and value == math.floor(value)):

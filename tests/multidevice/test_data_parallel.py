@@ -243,6 +243,17 @@ def test_distributed_eigh_equals_every_device_decomposing(train, single_device):
     _assert_same_history(distributed_eigh, every_device)
 
 
+def test_blocked_factors_sharded_and_distributed_equal_single_device(train):
+    """Block-diagonal factors (`max_factor_dim=2`: every wide side in blocks
+    of 2 or 3, the Dense(5)'s padded) from the sharded batch's rows, their
+    diagonal blocks decomposed as tasks spread over the devices, equal the
+    single-device run."""
+    single_device = train(max_factor_dim=2)
+    _assert_same_history(train(AxisType.Explicit, max_factor_dim=2), single_device)
+    state = single_device[-1][1]
+    assert any(block.output_factor.ndim == 3 for block in state.blocks.values())
+
+
 def _subjaxprs(eqn):
     for value in eqn.params.values():
         for item in value if isinstance(value, tuple | list) else (value,):

@@ -258,7 +258,11 @@ class LayerKind:
         del block
         input_rows, output_rows, _ = rows
         return curvature.kronecker_factors(
-            input_rows, output_rows, num_terms, options.reduce_positions
+            input_rows,
+            output_rows,
+            num_terms,
+            options.reduce_positions,
+            options.factor_dim_limit,
         )
 
     def batch_scalings(

@@ -155,8 +155,9 @@ class Embed(LayerKind):
     def batch_factors(
         self, block: Block, rows: Rows, num_terms: Any, options: Options
     ) -> tuple[jax.Array, jax.Array]:
-        del options
-        return curvature.diagonal_factors(rows, block.input_dim, num_terms)
+        return curvature.diagonal_factors(
+            rows, block.input_dim, num_terms, options.factor_dim_limit
+        )
 
     def batch_scalings(
         self, block: Block, rows: Rows, bases: Bases, num_terms: Any, options: Options
