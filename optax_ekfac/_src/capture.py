@@ -801,9 +801,17 @@ class Curvature:
 
         # Their parameter cotangents are unused: jit removes them. A loop, not
         # vmap: JAX cannot batch the transposed convolutions of a sharded batch.
-        stacked = jax.lax.map(
-            sampled_output_grads, jnp.eye(num_samples, dtype=losses.dtype)
-        )
+        # One sample needs no loop: its backward pass is then traced and
+        # compiled once, not also as a loop body.
+        if num_samples == 1:
+            stacked = tuple(
+                grads[None]
+                for grads in sampled_output_grads(jnp.ones([1], losses.dtype))
+            )
+        else:
+            stacked = jax.lax.map(
+                sampled_output_grads, jnp.eye(num_samples, dtype=losses.dtype)
+            )
         output_grads = tuple(
             _samples_as_examples(g, len(call.stack)) for g, call in zip(stacked, calls)
         )
