@@ -376,26 +376,6 @@ def test_plain_path_without_a_mesh_or_with_one_device(problem):
         assert list(_eqns(jaxpr, "eigh"))
 
 
-def test_donated_params_and_state(problem, single_device):
-    mesh = _mesh(AxisType.Explicit)
-    tx = oek.scale_by_ekfac(problem["layers"], **SETTINGS)
-    step = jax.jit(_step_fn(problem["curvature"], tx), donate_argnums=(0, 1))
-    history = []
-    with jax.set_mesh(mesh), warnings.catch_warnings():
-        # "Some donated buffers were not usable" would mean copies.
-        warnings.simplefilter("error")
-        params, state, batches = _place(problem, tx, mesh)
-        for batch in batches:
-            new_params, new_state, updates = step(params, state, batch)
-            # The inputs' buffers were handed over to the outputs.
-            assert all(leaf.is_deleted() for leaf in jax.tree.leaves((params, state)))
-            params, state = new_params, new_state
-            # Read copies: on CPU a host view of a buffer keeps it from being
-            # donated (the runtime would copy it instead).
-            history.append(jax.device_get(jax.tree.map(jnp.copy, (updates, state))))
-    _assert_same_history(history, single_device)
-
-
 @pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto])
 def test_a_curvature_sample_takes_every_shards_share(problem, axis_type):
     """A bound of 8 examples on 4 devices: the first 2 of each shard of 4, the
@@ -423,3 +403,23 @@ def test_a_curvature_sample_takes_every_shards_share(problem, axis_type):
     chex.assert_trees_all_close(
         jax.device_get(stats.layers), expected.layers, atol=1e-12, rtol=1e-10
     )
+
+
+def test_donated_params_and_state(problem, single_device):
+    mesh = _mesh(AxisType.Explicit)
+    tx = oek.scale_by_ekfac(problem["layers"], **SETTINGS)
+    step = jax.jit(_step_fn(problem["curvature"], tx), donate_argnums=(0, 1))
+    history = []
+    with jax.set_mesh(mesh), warnings.catch_warnings():
+        # "Some donated buffers were not usable" would mean copies.
+        warnings.simplefilter("error")
+        params, state, batches = _place(problem, tx, mesh)
+        for batch in batches:
+            new_params, new_state, updates = step(params, state, batch)
+            # The inputs' buffers were handed over to the outputs.
+            assert all(leaf.is_deleted() for leaf in jax.tree.leaves((params, state)))
+            params, state = new_params, new_state
+            # Read copies: on CPU a host view of a buffer keeps it from being
+            # donated (the runtime would copy it instead).
+            history.append(jax.device_get(jax.tree.map(jnp.copy, (updates, state))))
+    _assert_same_history(history, single_device)
