@@ -27,10 +27,16 @@ from jax._src.interpreters.partial_eval import JaxprTrace
 def current_trace() -> Any:
     """The JAX trace running now, an object compared by identity.
 
-    `jax.extend.core.take_current_trace` (public) hands it out while it swaps
-    in the evaluation trace; the trace is restored on leaving the block.
+    `jax.extend.core.take_current_trace` (public from jax 0.10) hands it out
+    while it swaps in the evaluation trace; the trace is restored on leaving
+    the block. Older jax has no public name for it: its trace context.
     """
-    with jax.extend.core.take_current_trace() as trace:
+    take_current_trace = getattr(jax.extend.core, "take_current_trace", None)
+    if take_current_trace is None:
+        from jax._src import core
+
+        return core.trace_ctx.trace
+    with take_current_trace() as trace:
         return trace
 
 
