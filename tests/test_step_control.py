@@ -1322,3 +1322,35 @@ def test_inject_hyperparams_on_the_fixed_learning_rate_path(first):
     assert state.hyperparams["learning_rate"] == 0.1
     chex.assert_trees_all_equal_shapes(updates, first.problem.params)
     assert np.all(np.isfinite(flat(updates))) and np.any(flat(updates) != 0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_low_precision_updates_and_velocity_keep_the_parameters_dtype(dtype):
+    """The adapted coefficients are float32; the update is not promoted by
+    them, so the next step's directions fit the parameters' tangents."""
+    model = nn.Sequential(
+        [nn.Dense(8, param_dtype=dtype, dtype=dtype), nn.tanh, nn.Dense(3, dtype=dtype)]
+    )
+    x = jax.random.normal(jax.random.key(0), (16, 4)).astype(dtype)
+    y = jnp.arange(16) % 3
+    params = model.init(jax.random.key(1), x[:1])["params"]
+    params = jax.tree.map(lambda leaf: leaf.astype(dtype), params)
+
+    def loss_fn(params, x, y):
+        return oek.softmax_cross_entropy(model.apply({"params": params}, x), y)
+
+    curvature = oek.Curvature(loss_fn, fisher_type="mc")
+    tx = oek.ekfac(curvature.layers(params, x, y))
+
+    @jax.jit
+    def step(params, state):
+        _, grads, stats = curvature.value_grad_and_stats(params, x, y)
+        updates, state = tx.update(grads, state, params, stats=stats)
+        return optax.apply_updates(params, updates), state, updates
+
+    state = tx.init(params)
+    for _ in range(3):
+        params, state, updates = step(params, state)
+    for tree in (updates, state.velocity, params):
+        assert {leaf.dtype for leaf in jax.tree.leaves(tree)} == {jnp.dtype(dtype)}
+    assert int(state.preconditioner.count) == 3

@@ -188,9 +188,16 @@ def adaptive(
         coefficients = _within_loss(
             coefficients, curvature, gradient_products, model.loss
         )
-        step = optax.tree.add(
-            optax.tree.scale(coefficients[0], descent),
-            optax.tree.scale(coefficients[1], state.velocity),
+        # In the parameters' dtypes (the velocity's): the coefficients, in the
+        # curvature state's float32 at least, would promote a bfloat16 update
+        # (or a float32 one under float64 inputs), and the next step's
+        # directions would no longer fit the parameters' tangents.
+        step = optax.tree.cast_like(
+            optax.tree.add(
+                optax.tree.scale(coefficients[0], descent),
+                optax.tree.scale(coefficients[1], state.velocity),
+            ),
+            state.velocity,
         )
         quadratic, linear = _model_terms(coefficients, curvature, gradient_products)
         model_change = quadratic / 2 + linear
