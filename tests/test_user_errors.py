@@ -245,3 +245,18 @@ def test_a_column_of_labels_captures_the_same_sampled_statistics():
         (column_loss, column_grads, column_stats.layers),
         (loss, grads, stats.layers),
     )
+
+
+@pytest.mark.parametrize("learning_rate", [-0.1, 0.0, jnp.asarray(-1.0), "0.1"])
+def test_a_fixed_learning_rate_must_be_positive(learning_rate):
+    model = nn.Dense(3)
+    x = jnp.ones((4, 2))
+    params = model.init(jax.random.key(0), x)["params"]
+    layers = oek.Curvature(
+        lambda p, x: oek.squared_error(model.apply({"params": p}, x), jnp.zeros((4, 3)))
+    ).layers(params, x)
+    with pytest.raises(ValueError, match="ekfac: learning_rate must be a number > 0"):
+        oek.ekfac(layers, learning_rate=learning_rate)
+    # A positive number, an array and a schedule are taken.
+    for taken in (0.1, jnp.asarray(0.1), optax.cosine_decay_schedule(0.1, 100)):
+        oek.ekfac(layers, learning_rate=taken)

@@ -374,6 +374,7 @@ def ekfac(
         # first update is traced.
         preconditioner(adaptation.damping or adaptation.initial_damping)
         return step_control.adaptive(preconditioner, adaptation)
+    validation.check_learning_rate(learning_rate)
     return _skipping_non_finite_steps(
         preconditioner(DEFAULTS.damping if damping is None else damping),
         optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),

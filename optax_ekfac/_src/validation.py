@@ -375,6 +375,22 @@ def _check_hyperparameters(options: Options) -> None:
         )
 
 
+def check_learning_rate(learning_rate: Any) -> None:
+    """Raises for a fixed learning rate that is known now and not positive:
+    `optax.sgd` would step uphill. Schedules and traced values are not
+    checked."""
+    if callable(learning_rate) or isinstance(learning_rate, jax.core.Tracer):
+        return
+    value = np.asarray(learning_rate)
+    if value.ndim == 0 and np.issubdtype(value.dtype, np.number) and value > 0:
+        return
+    raise error(
+        EKFAC,
+        f"learning_rate must be a number > 0 or an optax schedule, got "
+        f"{learning_rate!r} (None adapts the step size).",
+    )
+
+
 def checked_adaptation(adaptation: Adaptation) -> Adaptation:
     """Raises unless the adaptive `ekfac`'s settings are in range."""
     rules = {
