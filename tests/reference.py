@@ -135,6 +135,16 @@ def ekfac_reference(input_factor, output_factor, fisher):
     return input_basis, output_basis, scalings.reshape(shape)
 
 
+def solve_update(input_basis, output_basis, scalings, gradient, damping):
+    """`(Q diag(S) Qᵀ + λ I)⁻¹ vec g`, `Q = U_A ⊗ U_B`, `vec` row-major."""
+    basis = np.kron(input_basis, output_basis)
+    curvature = basis @ np.diag(scalings.ravel()) @ basis.T
+    direction = np.linalg.solve(
+        curvature + damping * np.eye(len(curvature)), gradient.ravel()
+    )
+    return direction.reshape(gradient.shape)
+
+
 def assert_same_basis(basis, reference_basis, atol=1e-8):
     """Equal up to the sign of each column."""
     overlap = np.abs(np.asarray(basis).T @ np.asarray(reference_basis))

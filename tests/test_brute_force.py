@@ -477,16 +477,6 @@ def _eigh(matrix):
     return np.linalg.eigh(np.asarray(matrix, np.float64))
 
 
-def _solve_update(input_basis, output_basis, scalings, gradient, damping):
-    """`(Q diag(S) Qᵀ + λ I)⁻¹ vec g`, `Q = U_A ⊗ U_B`, `vec` row-major."""
-    basis = np.kron(input_basis, output_basis)
-    curvature = basis @ np.diag(scalings.ravel()) @ basis.T
-    direction = np.linalg.solve(
-        curvature + damping * np.eye(len(curvature)), gradient.ravel()
-    )
-    return direction.reshape(gradient.shape)
-
-
 def _embedding_reference(
     vocabulary_rows, feature_rows, gradient, num_terms, damping, max_factor_dim
 ):
@@ -526,7 +516,9 @@ def _embedding_reference(
         output_blocks=output_blocks,
         scalings=scalings,
         kfac_scalings=np.outer(input_factor, np.maximum(output_eigenvalues, 0)),
-        update=_solve_update(identity, output_basis, scalings, gradient, damping),
+        update=reference.solve_update(
+            identity, output_basis, scalings, gradient, damping
+        ),
     )
 
 
@@ -570,7 +562,9 @@ def _kronecker_reference(
         kfac_scalings=np.outer(
             np.maximum(input_eigenvalues, 0), np.maximum(output_eigenvalues, 0)
         ),
-        update=_solve_update(input_basis, output_basis, scalings, gradient, damping),
+        update=reference.solve_update(
+            input_basis, output_basis, scalings, gradient, damping
+        ),
     )
 
 

@@ -97,14 +97,14 @@ def test_sampled_curvature_is_the_curvature_of_the_sample(mlp, max_terms, num_sa
         chex.assert_trees_all_close(block.scalings, scalings, rtol=1e-8, atol=1e-14)
 
         # The update: the sample's curvature applied to the whole batch's gradient.
-        basis = np.kron(block.input_eigenbasis, block.output_eigenbasis)
-        curvature_matrix = basis @ np.diag(np.ravel(block.scalings) + DAMPING) @ basis.T
         layer_grads = expected_grads[f"dense_{layer}"]
-        gradient = np.concatenate(
-            [layer_grads["kernel"], layer_grads["bias"][None]], 0
-        ).reshape(-1)
-        expected = np.linalg.solve(curvature_matrix, gradient).reshape(
-            rows.shape[1], -1
+        gradient = np.concatenate([layer_grads["kernel"], layer_grads["bias"][None]])
+        expected = reference.solve_update(
+            np.asarray(block.input_eigenbasis),
+            np.asarray(block.output_eigenbasis),
+            np.asarray(block.scalings),
+            gradient,
+            DAMPING,
         )
         got = updates[f"dense_{layer}"]
         chex.assert_trees_all_close(got["kernel"], expected[:-1], rtol=1e-8)
