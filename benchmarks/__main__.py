@@ -1,5 +1,5 @@
-"""`python -m benchmarks`: every benchmark (see `benchmarks/run_all.py`)."""
+"""`python -m benchmarks`: every benchmark (see `benchmarks/harness/run_all.py`)."""
 
-from benchmarks.run_all import main
+from benchmarks.harness.run_all import main
 
 main()

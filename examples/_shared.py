@@ -1,7 +1,7 @@
 """What the examples share, so that each reads as data, model, loss and optimizer.
 
 The digits data, the order of the mini-batches and the BLAS thread limit are
-also the benchmarks' (`benchmarks/data.py`, `benchmarks/running.py` import
+also the benchmarks' (`benchmarks/harness/data.py` and `running.py` import
 them from here), so an example and a benchmark of the same model train on the
 same examples in the same order.
 """

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from benchmarks import accelerator, accelerator_report
+from benchmarks.accelerator import parts, report
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -47,12 +47,12 @@ def test_dry_run_measures_every_part_and_writes_one_json(dry_run):
     assert record["dry_run"] is True
     assert set(record["steps"]) == {"device", "tests", "checks", "mlp", "transformer"}
     assert {step["status"] for step in record["steps"].values()} == {"ok"}
-    assert set(record["parts"]) == set(accelerator.PARTS)
+    assert set(record["parts"]) == set(parts.PARTS)
     assert {part["status"] for part in record["parts"].values()} == {"ok"}
 
-    results, sizes = record["results"], accelerator.DRY_RUN
+    results, sizes = record["results"], parts.DRY_RUN
     assert results["device"]["library_matmul_precision"] == "HIGHEST"
-    assert set(results["precision"]["matmuls"]) == set(accelerator.PRECISIONS)
+    assert set(results["precision"]["matmuls"]) == set(parts.PRECISIONS)
     assert set(results["eigh"]["sizes"]) == {str(n) for n in sizes.eigh_sizes}
     assert results["eigh"]["warm_started_refresh"]["median_seconds"] is None
     assert results["sharding"]["relative_difference_per_step"] == [0.0, 0.0]
@@ -82,7 +82,7 @@ def _report(tmp_path, steps, junit=None, expect=("device",)):
     argv = ["--json", str(path), "--steps", *steps, "--expect", *expect]
     if junit is not None:
         argv += ["--junit", str(junit)]
-    return accelerator_report.main(argv), json.loads(path.read_text())
+    return report.main(argv), json.loads(path.read_text())
 
 
 def test_report_passes_only_when_everything_ran_and_passed(tmp_path, capsys):

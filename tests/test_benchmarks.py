@@ -15,12 +15,9 @@ import numpy as np
 import pytest
 
 import optax_ekfac as oek
-from benchmarks import (
-    autoencoder,
+from benchmarks import kfac_jax
+from benchmarks.harness import (
     cost,
-    kfac_jax,
-    large_batch,
-    mlp,
     records,
     reporting,
     run_all,
@@ -28,6 +25,7 @@ from benchmarks import (
     specs,
     storage,
 )
+from benchmarks.problems import autoencoder, large_batch, mlp
 
 
 def narrow_mlp_problem(
@@ -250,7 +248,7 @@ def test_large_batch_time_target_is_against_the_better_reference(
 
 
 def test_large_batch_runs_end_to_end_and_writes_its_table(tmp_path, monkeypatch):
-    """`benchmarks.large_batch` on a tiny case with kfac-jax stood in for, and
+    """`benchmarks.problems.large_batch` on a tiny case with kfac-jax stood in for, and
     the memory check on a batch larger than the training set: the JSON holds
     the table, every target and the memory ratio."""
     case = large_batch.Case(

@@ -24,7 +24,7 @@ SMALLEST_DAMPING = 1e-8
 RHO = 100 * float(np.finfo(np.float32).eps)
 # Round-off moves the update by about eps(float32) times the condition number
 # of the damped curvature, at most 1 + 1/ρ: about eps / ρ = 1%
-# (1.4% to 2.4% here; benchmarks/float32_eigh.py: at most 2.1%).
+# (1.4% to 2.4% here; benchmarks/studies/float32_eigh.py: at most 2.1%).
 TOLERANCE = 0.05
 
 LOSSES = {

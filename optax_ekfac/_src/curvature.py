@@ -57,7 +57,7 @@ from optax_ekfac._src.sharding import (
 from optax_ekfac._src.state import BlockState
 
 # The damping is at least this many machine epsilons times a block's largest
-# scaling (`relative_damping_floor`), chosen by benchmarks/float32_eigh.py.
+# scaling (`relative_damping_floor`), chosen by benchmarks/studies/float32_eigh.py.
 _RELATIVE_DAMPING_FLOOR_EPS = 100
 
 # Every matmul here (factors, projections onto the eigenbases, the

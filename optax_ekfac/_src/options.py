@@ -10,7 +10,7 @@ Scalings = Literal["exact", "per_position"]
 WeightSharing = Literal["expand", "reduce"]
 
 _DEFAULT_MAX_PER_EXAMPLE_ELEMENTS = 2**22
-# Chosen by benchmarks/factor_blocks.py (see benchmarks/README.md).
+# Chosen by benchmarks/studies/factor_blocks.py (see benchmarks/README.md).
 _DEFAULT_MAX_FACTOR_DIM = 1024
 
 

@@ -1,11 +1,11 @@
-"""Smoke test: `benchmarks/distributed_eigh.py` runs on the fake-device mesh.
+"""Smoke test: `benchmarks/studies/distributed_eigh.py` runs on the fake-device mesh.
 
 Not a timing test: it keeps the benchmark from rotting between full runs.
 """
 
 import json
 
-from benchmarks import distributed_eigh
+from benchmarks.studies import distributed_eigh
 
 NUM_DEVICES = 4
 

@@ -21,7 +21,7 @@ step memory at batch 4096. The issue's targets are printed MET, MISSED or NOT
 MEASURABLE over the seeds.
 
 Usage:
-    python -m benchmarks.large_batch [--quick] [--seeds N] [--steps N]
+    python -m benchmarks.problems.large_batch [--quick] [--seeds N] [--steps N]
         [--only autoencoder_1024 transformer_128x64 memory_4096 ...] [--out DIR]
 """
 
@@ -36,18 +36,10 @@ from typing import Any
 
 import jax
 
-from benchmarks import (
-    autoencoder,
-    cli,
-    kfac_jax,
-    mlp,
-    reporting,
-    running,
-    specs,
-    storage,
-    transformer,
-)
-from benchmarks.records import BenchmarkResult, Comparison, Memory, Target
+from benchmarks import kfac_jax
+from benchmarks.harness import cli, reporting, running, specs, storage
+from benchmarks.harness.records import BenchmarkResult, Comparison, Memory, Target
+from benchmarks.problems import autoencoder, mlp, transformer
 
 NAME = "large_batch"
 MEMORY_CHECK = "memory_4096"

@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from benchmarks.specs import Hyperparameters, Settings
+from benchmarks.harness.specs import Hyperparameters, Settings
 
 
 @dataclasses.dataclass(frozen=True)

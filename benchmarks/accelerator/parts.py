@@ -58,15 +58,8 @@ import numpy as np
 import optax
 
 import optax_ekfac as oek
-from benchmarks import (
-    cost,
-    mlp,
-    reporting,
-    running,
-    specs,
-    storage,
-    transformer,
-)
+from benchmarks.harness import cost, reporting, running, specs, storage
+from benchmarks.problems import mlp, transformer
 from optax_ekfac._src import curvature
 
 # The models' matmuls: JAX's default (TF32 on recent NVIDIA GPUs), what a user

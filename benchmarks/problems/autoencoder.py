@@ -7,7 +7,7 @@ the 64 standardized pixels (twice the library's `squared_error`), mean over
 batch 256, target 2.0 on the whole training set, 1500 steps.
 
 Usage:
-    python -m benchmarks.autoencoder [--quick] [--steps N] [--out DIR]
+    python -m benchmarks.problems.autoencoder [--quick] [--steps N] [--out DIR]
 """
 
 from collections.abc import Sequence
@@ -16,7 +16,8 @@ import flax.linen as nn
 import jax
 
 import optax_ekfac as oek
-from benchmarks import cli, data, kfac_jax, records, reporting, specs
+from benchmarks import kfac_jax
+from benchmarks.harness import cli, data, records, reporting, specs
 
 
 class Autoencoder(nn.Module):

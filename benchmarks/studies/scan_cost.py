@@ -21,7 +21,7 @@ eigendecompositions every 10) and Adam on each layout it reports:
 * peak memory: the compiled step's `memory_analysis()`.
 
 Usage:
-    python -m benchmarks.scan_cost [--quick] [--out DIR]
+    python -m benchmarks.studies.scan_cost [--quick] [--out DIR]
 """
 
 import statistics
@@ -36,8 +36,8 @@ import numpy as np
 import optax
 
 import optax_ekfac as oek
-from benchmarks import cli, cost, running, storage
-from benchmarks.records import BenchmarkResult
+from benchmarks.harness import cli, cost, running, storage
+from benchmarks.harness.records import BenchmarkResult
 
 NUM_LAYERS = 6
 EIGEN_UPDATE_EVERY = 10

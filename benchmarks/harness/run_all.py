@@ -7,17 +7,16 @@ Usage:
 import time
 from collections.abc import Sequence
 
-from benchmarks import (
+from benchmarks.harness import cli, reporting
+from benchmarks.harness.records import BenchmarkResult
+from benchmarks.problems import (
     autoencoder,
-    cli,
     cnn,
     large_batch,
     layer_cost,
     mlp,
-    reporting,
     transformer,
 )
-from benchmarks.records import BenchmarkResult
 
 BENCHMARKS = {
     "autoencoder": autoencoder.main,

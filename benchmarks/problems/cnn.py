@@ -7,7 +7,7 @@ patches); one loss term pools over all positions, so EKFAC and KFAC use
 Adam and SGD with momentum, each over a small sweep, in one run.
 
 Usage:
-    python -m benchmarks.cnn [--quick] [--steps N] [--out DIR]
+    python -m benchmarks.problems.cnn [--quick] [--steps N] [--out DIR]
 """
 
 from collections.abc import Sequence
@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 
 import optax_ekfac as oek
-from benchmarks import cli, data, records, reporting, specs
+from benchmarks.harness import cli, data, records, reporting, specs
 
 
 class CNN(nn.Module):

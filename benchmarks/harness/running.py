@@ -35,10 +35,10 @@ import numpy as np
 import optax
 
 import optax_ekfac as oek
-from benchmarks import reporting, storage
-from benchmarks.data import batch_indices
-from benchmarks.records import Comparison, Curve, Memory, OptimizerResult, Run
-from benchmarks.specs import Hyperparameters, Optimizer, Problem, Settings
+from benchmarks.harness import reporting, storage
+from benchmarks.harness.data import batch_indices
+from benchmarks.harness.records import Comparison, Curve, Memory, OptimizerResult, Run
+from benchmarks.harness.specs import Hyperparameters, Optimizer, Problem, Settings
 
 # The examples' own: one BLAS thread for XLA's LAPACK calls on CPU.
 from examples._shared import limit_blas_threads  # noqa: F401

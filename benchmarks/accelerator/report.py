@@ -5,7 +5,7 @@ Standard library only, so that it reports even where JAX would not import.
 Exits 1 if any step, test or benchmark part failed, timed out or did not run.
 
 Usage:
-    python -m benchmarks.accelerator_report --json PATH [--junit FILE]
+    python -m benchmarks.accelerator.report --json PATH [--junit FILE]
         --steps "NAME RC SECONDS LIMIT" ... --expect PART ...
 """
 

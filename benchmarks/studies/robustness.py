@@ -7,15 +7,16 @@ per problem or per batch size: `optax_ekfac.ekfac(layers)` and the sampled
 Fisher, as the convergence benchmarks run them.
 
 Usage:
-    python -m benchmarks.robustness [--quick] [--steps N] [--out DIR]
+    python -m benchmarks.studies.robustness [--quick] [--steps N] [--out DIR]
 """
 
 import dataclasses
 import math
 from collections.abc import Sequence
 
-from benchmarks import autoencoder, cli, cnn, mlp, reporting, running, specs, storage
-from benchmarks.records import BenchmarkResult, Target
+from benchmarks.harness import cli, reporting, running, specs, storage
+from benchmarks.harness.records import BenchmarkResult, Target
+from benchmarks.problems import autoencoder, cnn, mlp
 
 PROBLEMS = {
     "autoencoder": autoencoder.problem,

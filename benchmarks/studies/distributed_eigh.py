@@ -25,7 +25,7 @@ overhead of the switch and the `psum`, next to the host work saved because
 the host no longer runs every decomposition once per fake device.
 
 Usage:
-    python -m benchmarks.distributed_eigh [--quick] [--devices 4] [--out DIR]
+    python -m benchmarks.studies.distributed_eigh [--quick] [--devices 4] [--out DIR]
 """
 
 import statistics
@@ -40,8 +40,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import optax_ekfac as oek
-from benchmarks import cli, running, storage
-from benchmarks.records import BenchmarkResult
+from benchmarks.harness import cli, running, storage
+from benchmarks.harness.records import BenchmarkResult
 from optax_ekfac._src import sharding
 
 AXIS = "data"
@@ -71,7 +71,7 @@ def _use_devices(num_devices: int) -> list[jax.Device]:
     if len(devices) < num_devices:
         raise SystemExit(
             f"distributed_eigh: {num_devices} devices needed, {len(devices)} found; "
-            "run it in a fresh process (python -m benchmarks.distributed_eigh)."
+            "run it in a fresh process (python -m benchmarks.studies.distributed_eigh)."
         )
     return devices[:num_devices]
 

@@ -12,8 +12,8 @@ import jax
 import numpy as np
 import optax
 
-from benchmarks import reporting
-from benchmarks.records import BenchmarkResult, Comparison, Machine, as_json
+from benchmarks.harness import reporting
+from benchmarks.harness.records import BenchmarkResult, Comparison, Machine, as_json
 
 
 def machine_info() -> Machine:

@@ -11,7 +11,7 @@ KFAC use the default `weight_sharing="expand"` and exact per-example
 scalings. LayerNorm scales and biases get EKFAC's diagonal fallback.
 
 Usage:
-    python -m benchmarks.transformer [--quick] [--steps N] [--out DIR]
+    python -m benchmarks.problems.transformer [--quick] [--steps N] [--out DIR]
 """
 
 from collections.abc import Sequence
@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 import optax_ekfac as oek
-from benchmarks import cli, data, records, reporting, specs
+from benchmarks.harness import cli, data, records, reporting, specs
 
 SEQUENCE_LENGTH = 64
 

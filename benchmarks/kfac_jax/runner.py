@@ -1,18 +1,18 @@
 """kfac-jax's adaptive K-FAC on the autoencoder benchmark, in its own environment.
 
 Run by `benchmarks.kfac_jax` with the interpreter of the pinned environment
-(`kfac_jax_requirements.txt`: kfac-jax 0.0.8 breaks on jax >= 0.9.2), not
+(`requirements.txt`: kfac-jax 0.0.8 breaks on jax >= 0.9.2), not
 imported by the rest of the benchmarks. It trains the autoencoder benchmark's
 problem (same model, initialization, data and batch order, from
-`benchmarks.autoencoder` and `benchmarks.running`) with kfac-jax's adaptive
-learning rate, momentum and damping, the settings of the step-control issue
-(initial damping 1, minimum damping 1e-4, inverses every 5 steps; no burn-in
-steps), and times it
-as `running.run_setting` does: a discarded warm-up run that compiles, then the
-sum of the step times with evaluations outside it.
+`benchmarks.problems.autoencoder` and `benchmarks.harness.running`) with
+kfac-jax's adaptive learning rate, momentum and damping, the settings of the
+step-control issue (initial damping 1, minimum damping 1e-4, inverses every 5
+steps; no burn-in steps), and times it as `running.run_setting` does: a
+discarded warm-up run that compiles, then the sum of the step times with
+evaluations outside it.
 
 Usage (what `benchmarks.kfac_jax` runs, from the repository root):
-    .venv-kfac-jax/bin/python -m benchmarks.kfac_jax_runner --seed 0 --steps 1500 \
+    .venv-kfac-jax/bin/python -m benchmarks.kfac_jax.runner --seed 0 --steps 1500 \
         [--batch-size 256]
 """
 
@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 import kfac_jax
 
-from benchmarks import autoencoder, running, specs
+from benchmarks.harness import running, specs
+from benchmarks.problems import autoencoder
 
 
 def optimizer(model) -> kfac_jax.Optimizer:

@@ -12,7 +12,7 @@ Two parts, one process:
 It checks the issue's targets and says which are met.
 
 Usage:
-    python -m benchmarks.mlp [--quick] [--out benchmarks/results]
+    python -m benchmarks.problems.mlp [--quick] [--out benchmarks/results]
 """
 
 import dataclasses
@@ -23,8 +23,8 @@ import flax.linen as nn
 import jax
 
 import optax_ekfac as oek
-from benchmarks import cli, cost, data, reporting, running, specs, storage
-from benchmarks.records import BenchmarkResult, Comparison, Target
+from benchmarks.harness import cli, cost, data, reporting, running, specs, storage
+from benchmarks.harness.records import BenchmarkResult, Comparison, Target
 
 EIGEN_UPDATE_EVERY = 10
 

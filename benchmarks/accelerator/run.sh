@@ -19,7 +19,7 @@
 # runs under `timeout` within the budget; the summary at the end names every
 # step, test and benchmark part that failed, and the exit code is 1 if any did.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 dry_run=0
 install=1
@@ -145,7 +145,7 @@ bench mlp 180 mlp_step_cost memory
 bench transformer 180 transformer
 
 # --- the summary ----------------------------------------------------------------------
-report=(-m benchmarks.accelerator_report --json "$json" --junit "$work/junit.xml"
+report=(-m benchmarks.accelerator.report --json "$json" --junit "$work/junit.xml"
   --steps "${steps[@]}"
   --expect device precision eigh sharding mlp_step_cost memory transformer)
 rc=0

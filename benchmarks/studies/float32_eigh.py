@@ -25,7 +25,7 @@ zero, so `B` has a null direction in which the float64 gradient is zero and
 the float32 one is round-off, which a tiny damping divides by almost nothing.
 
 Usage:
-    python -m benchmarks.float32_eigh [--quick] [--out benchmarks/results]
+    python -m benchmarks.studies.float32_eigh [--quick] [--out benchmarks/results]
 """
 
 import argparse

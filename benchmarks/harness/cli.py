@@ -5,9 +5,9 @@ import argparse
 import dataclasses
 from collections.abc import Callable, Sequence
 
-from benchmarks import reporting, running, storage
-from benchmarks.records import BenchmarkResult, Comparison, Target
-from benchmarks.specs import Optimizer, Problem, Settings
+from benchmarks.harness import reporting, running, storage
+from benchmarks.harness.records import BenchmarkResult, Comparison, Target
+from benchmarks.harness.specs import Optimizer, Problem, Settings
 
 
 def arguments(

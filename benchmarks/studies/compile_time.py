@@ -22,7 +22,7 @@ times: the size of the lowered module (characters and operations) and of
 XLA's optimized HLO (instructions, while loops, conditionals, custom calls).
 
 Usage:
-    python -m benchmarks.compile_time [--quick] [--repeats N] [--out DIR]
+    python -m benchmarks.studies.compile_time [--quick] [--repeats N] [--out DIR]
 """
 
 import dataclasses
@@ -37,8 +37,9 @@ import numpy as np
 import optax
 
 import optax_ekfac as oek
-from benchmarks import autoencoder, cli, mlp, running, storage
-from benchmarks.records import BenchmarkResult
+from benchmarks.harness import cli, running, storage
+from benchmarks.harness.records import BenchmarkResult
+from benchmarks.problems import autoencoder, mlp
 
 BATCH_SIZE = 256
 PIECES = (

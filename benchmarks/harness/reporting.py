@@ -11,8 +11,8 @@ import statistics
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from benchmarks.records import Comparison, OptimizerResult, Run, Summary, Target
-from benchmarks.specs import Hyperparameters
+from benchmarks.harness.records import Comparison, OptimizerResult, Run, Summary, Target
+from benchmarks.harness.specs import Hyperparameters
 
 
 def best_run_index(runs: Sequence[Run]) -> int:

@@ -11,7 +11,7 @@ classes, batch 32), for each `max_factor_dim` (the output side split into
 * `state`: the bytes of the head's factors and eigenbases.
 
 Usage:
-    python -m benchmarks.factor_blocks [--quick]
+    python -m benchmarks.studies.factor_blocks [--quick]
 """
 
 import argparse
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 import optax_ekfac as oek
-from benchmarks import running
+from benchmarks.harness import running
 from optax_ekfac._src import curvature
 
 WIDTH, CLASSES, BATCH = 256, 8192, 32

@@ -1,12 +1,12 @@
 """kfac-jax side by side: its adaptive K-FAC on the autoencoder benchmark.
 
 kfac-jax 0.0.8 needs `jax==0.9.0`, so it runs in an environment of its own
-(`.venv-kfac-jax/` at the repository root, pinned by
-`kfac_jax_requirements.txt`) as a subprocess of the benchmark, on the same
-problem, initialization and batch order (`kfac_jax_runner.py`).
-`benchmarks.autoencoder` runs it after its own runs, in the same benchmark run,
-whenever the environment exists, and checks its targets against it; without
-it, against the step-control issue's figures.
+(`.venv-kfac-jax/` at the repository root, pinned by `requirements.txt` next
+to this file) as a subprocess of the benchmark, on the same problem,
+initialization and batch order (`runner.py`). `benchmarks.problems.autoencoder`
+and `benchmarks.problems.large_batch` run it after their own runs, in the same
+benchmark run, whenever the environment exists, and check their targets
+against it; without it, against the step-control issue's figures.
 
 Usage:
     python -m benchmarks.kfac_jax --setup        # make the environment (PyPI)
@@ -21,9 +21,9 @@ import subprocess
 import sys
 import venv
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 ENVIRONMENT = ROOT / ".venv-kfac-jax"
-REQUIREMENTS = ROOT / "benchmarks" / "kfac_jax_requirements.txt"
+REQUIREMENTS = pathlib.Path(__file__).resolve().parent / "requirements.txt"
 
 
 def interpreter() -> pathlib.Path | None:
@@ -46,7 +46,7 @@ def setup() -> None:
 
 def run(seed: int, steps: int, batch_size: int = 256) -> dict | None:
     """kfac-jax adaptive's run at `seed` and `batch_size` (see
-    `kfac_jax_runner.run`), or None (with the reason printed) where the
+    `runner.run`), or None (with the reason printed) where the
     environment is missing or it failed."""
     python = interpreter()
     if python is None:
@@ -56,7 +56,7 @@ def run(seed: int, steps: int, batch_size: int = 256) -> dict | None:
         )
         return None
     completed = subprocess.run(
-        [python, "-m", "benchmarks.kfac_jax_runner", "--seed", str(seed)]
+        [python, "-m", "benchmarks.kfac_jax.runner", "--seed", str(seed)]
         + ["--steps", str(steps), "--batch-size", str(batch_size)],
         capture_output=True,
         text=True,

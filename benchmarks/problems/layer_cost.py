@@ -19,7 +19,7 @@ whole train step and for the EKFAC update alone, where the scalings' working
 memory shows.
 
 Usage:
-    python -m benchmarks.layer_cost [--quick] [--out DIR]
+    python -m benchmarks.problems.layer_cost [--quick] [--out DIR]
 """
 
 import dataclasses
@@ -33,8 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import optax_ekfac as oek
-from benchmarks import cli, cost, running, specs, storage
-from benchmarks.records import BenchmarkResult, Memory
+from benchmarks.harness import cli, cost, running, specs, storage
+from benchmarks.harness.records import BenchmarkResult, Memory
 
 EIGEN_UPDATE_EVERY = 10
 CHUNKED_ELEMENTS = 2**16

@@ -17,7 +17,7 @@ fixed-learning-rate EKFAC (`scale_by_ekfac` at damping 1e-3, then
 and `optax.adamw` alone. Rows (`EK` is `scale_by_ekfac`, then `sgd` unless
 named): `EK`, `clip+EK`, `EK+clip`, `EK+wd`, `EK+AdamW`, `AdamW`; each the
 best setting of its sweep, over `--seeds` seeds. Run
-`python -m benchmarks.chain_order [--quick]`.
+`python -m benchmarks.studies.chain_order [--quick]`.
 """
 
 import dataclasses
@@ -26,7 +26,8 @@ from collections.abc import Sequence
 import optax
 
 import optax_ekfac as oek
-from benchmarks import cli, mlp, records, specs
+from benchmarks.harness import cli, records, specs
+from benchmarks.problems import mlp
 
 EKFAC_LEARNING_RATES = (0.001, 0.003, 0.01, 0.03)
 ADAM_LEARNING_RATES = (3e-4, 1e-3, 3e-3, 1e-2)
