@@ -8,9 +8,11 @@ time leaves the others' numbers:
 
 * `device`: the backend, the devices, the versions, the precision settings;
 * `precision`: float32 matmul throughput and error (against float64) under
-  each `jax.default_matmul_precision`, and how far one EKFAC update moves
-  when the library's own matmuls follow a coarse default instead of the
-  float32 (`Precision.HIGHEST`) they use;
+  each `jax.default_matmul_precision`; how far the library's EKFAC update
+  moves under a coarse default (its own matmuls stay float32,
+  `Precision.HIGHEST`); and how far it would move if its matmuls followed
+  the default (`dense_ekfac_update`, the update written out with the
+  matmuls' precision an argument);
 * `eigh`: seconds of `eigh` (the library's `symmetric_eigh`) in float32 at
   each size, against a float32 matmul of the same size; a slot for the
   warm-started refresh, measured once `optax_ekfac` has one;
@@ -47,7 +49,6 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
-from unittest import mock
 
 import flax
 import flax.linen as nn
@@ -66,6 +67,8 @@ from optax_ekfac._src import curvature
 # gets; EKFAC's own are float32 regardless.
 MODEL_PRECISION = "default"
 PRECISIONS = ("float32", "tensorfloat32", "bfloat16")
+# The damping of the `precision` part's one-layer update.
+DAMPING = 1e-4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,8 +222,9 @@ def _relative(value: Any, reference: Any) -> float:
 
 def precision(sizes: Sizes) -> dict[str, Any]:
     """Float32 matmuls under each default precision (speed, error against
-    float64), and one EKFAC update with the library's matmuls as shipped
-    (float32) and following the default."""
+    float64), and one EKFAC update under each default: the library's (its
+    matmuls float32, as shipped) and `dense_ekfac_update` with its matmuls
+    following the default."""
     n = sizes.matmul_size
     a, b = (random_matrix(k, n, n) for k in jax.random.split(jax.random.key(0), 2))
     # The error on the first rows: a float64 product of all of them on the
@@ -253,41 +257,108 @@ def precision(sizes: Sizes) -> dict[str, Any]:
 
     ekfac_curvature = oek.Curvature(loss_fn)
     layers = ekfac_curvature.layers(params, inputs, labels)
-    tx = oek.scale_by_ekfac(layers, damping=1e-4)
+    tx = oek.scale_by_ekfac(layers, damping=DAMPING)
 
     def update(params, x, y):
         _, grads, stats = ekfac_curvature.value_grad_and_stats(params, x, y)
         return tx.update(grads, tx.init(params), params, stats=stats)[0]
 
-    def update_under(default: str, library_follows_default: bool) -> Any:
-        patch = (
-            mock.patch.object(curvature, "MATMUL_PRECISION", None)
-            if library_follows_default
-            else contextlib.nullcontext()
-        )
-        with patch, jax.default_matmul_precision(default):
-            # A new function, so a new trace: jit's cache would not see the patch.
+    def library_update_under(default: str) -> Any:
+        with jax.default_matmul_precision(default):
+            # A new function, so a new trace under `default`.
             return jax.jit(lambda *args: update(*args))(params, inputs, labels)
 
-    reference = update_under("float32", False)
+    # The written-out update's inputs, fixed in float32: only its own matmuls'
+    # precision changes between the runs.
+    rows, output_grads, gradient = dense_rows(params, inputs, labels)
+
+    def written_out(default: str, follows_default: bool) -> Any:
+        matmul_precision = None if follows_default else jax.lax.Precision.HIGHEST
+        with jax.default_matmul_precision(default):
+            run = jax.jit(
+                functools.partial(dense_ekfac_update, precision=matmul_precision)
+            )
+            return run(rows, output_grads, gradient, DAMPING)
+
+    library_reference = library_update_under("float32")
+    written_reference = written_out("float32", False)
     updates = {}
     for default in PRECISIONS[1:]:
-        for follows in (False, True):
-            name = f"default {default}, library matmuls " + (
-                default if follows else "float32 (as shipped)"
-            )
-            updates[name] = _relative(update_under(default, follows), reference)
-            print(f"EKFAC update, {name}: relative change {updates[name]:.1e}")
+        name = f"default {default}, library matmuls float32 (as shipped)"
+        updates[name] = _relative(library_update_under(default), library_reference)
+        print(f"EKFAC update, {name}: relative change {updates[name]:.1e}")
+        name = f"default {default}, EKFAC's matmuls {default} (written out)"
+        updates[name] = _relative(written_out(default, True), written_reference)
+        print(f"EKFAC update, {name}: relative change {updates[name]:.1e}")
     return {
         "matmul_size": n,
         "matmuls": matmuls,
         "ekfac_update": {
             "problem": f"one Dense({width} -> 10), {4 * width} examples, input "
-            "factor condition 1e4, softmax cross-entropy, damping 1e-4, one update "
-            "from a fresh state",
+            f"factor condition 1e4, softmax cross-entropy, damping {DAMPING}, one "
+            "update from a fresh state; written out: the empirical Fisher's "
+            "factors, eigenbases, exact scalings and preconditioned gradient",
             "relative_change_vs_float32": updates,
         },
     }
+
+
+def dense_rows(params: Any, inputs: np.ndarray, labels: np.ndarray) -> tuple:
+    """A `Dense` layer's rows for `dense_ekfac_update`, in float32 from a
+    float64 computation: its inputs with a ones column for the bias, the
+    per-example output gradients of the softmax cross-entropy (the empirical
+    Fisher's), and the mean loss's gradient `[kernel; bias]`."""
+    kernel = np.asarray(params["kernel"], np.float64)
+    bias = np.asarray(params["bias"], np.float64)
+    rows = np.concatenate([inputs, np.ones((len(inputs), 1))], 1).astype(np.float64)
+    logits = rows @ np.concatenate([kernel, bias[None]], 0)
+    probabilities = np.exp(logits - logits.max(1, keepdims=True))
+    probabilities /= probabilities.sum(1, keepdims=True)
+    output_grads = probabilities - np.eye(kernel.shape[1])[labels]
+    gradient = rows.T @ output_grads / len(rows)
+    return tuple(np.float32(x) for x in (rows, output_grads, gradient))
+
+
+def dense_ekfac_update(
+    rows: jax.Array,
+    output_grads: jax.Array,
+    gradient: jax.Array,
+    damping: float,
+    precision: jax.lax.Precision | None,
+) -> jax.Array:
+    """One EKFAC update of a `Dense` layer from a fresh state, written out with
+    every matmul at `precision` (None: the ambient default).
+
+    The library's update does the same in float32 whatever the default; this
+    is what its matmuls would do to the update if they followed a coarse one.
+
+    Args:
+        rows: `[N, d_in + 1]`, the layer's inputs with a ones column.
+        output_grads: `[N, d_out]`, the per-example gradients at its outputs.
+        gradient: `[d_in + 1, d_out]`, the gradient of the kernel and bias.
+        damping: `λ`; at least the library's floor `ρ max(S)`
+            (`optax_ekfac.relative_damping_floor`) is used, as it does.
+        precision: of every matmul.
+
+    Returns:
+        `U_A [(U_Aᵀ G U_B) / (S + λ')] U_Bᵀ`, with `A = aᵀa / N`, `B = gᵀg / N`
+        and the scalings `S = mean_n ((U_Aᵀ a_n)(U_Bᵀ g_n)ᵀ)²`.
+    """
+    matmul = functools.partial(jnp.matmul, precision=precision)
+    count = rows.shape[0]
+    _, input_basis = jnp.linalg.eigh(matmul(rows.T, rows) / count)
+    _, output_basis = jnp.linalg.eigh(matmul(output_grads.T, output_grads) / count)
+    scalings = (
+        matmul(
+            jnp.square(matmul(rows, input_basis)).T,
+            jnp.square(matmul(output_grads, output_basis)),
+        )
+        / count
+    )
+    floor = oek.relative_damping_floor(jnp.float32) * scalings.max()
+    projected = matmul(matmul(input_basis.T, gradient), output_basis)
+    projected = projected / (scalings + jnp.maximum(damping, floor))
+    return matmul(matmul(input_basis, projected), output_basis.T)
 
 
 def eigh(sizes: Sizes) -> dict[str, Any]:
