@@ -73,10 +73,10 @@ def optimizers(quick: bool) -> list[specs.Optimizer]:
 
 
 # kfac-jax 0.0.8 with adaptive learning rate, momentum and damping, from the
-# step-control issue's table (this problem and batch order, a quiet 2-core
-# CPU): 0.71 s to the target where Adam's best took 0.78 s, and a train loss
-# of 0.21 after 1500 steps. They stand in where kfac-jax can't run side by
-# side (no pinned environment, see `benchmarks.kfac_jax`); its time is taken
+# step-control issue's table (this problem and batch order): its seconds to
+# the target over Adam's best's, and its train loss after 1500 steps (see
+# benchmarks/README.md). They stand in where kfac-jax can't run side by side
+# (no pinned environment, see `benchmarks.kfac_jax`); its time is taken
 # relative to Adam's best here.
 KFAC_JAX_SECONDS_OVER_ADAM = 0.71 / 0.78
 KFAC_JAX_FINAL_LOSS = 0.21

@@ -236,7 +236,7 @@ CASES: tuple[Case, ...] = (
         functools.partial(autoencoder.problem, batch_size=256),
         adam_learning_rates=(1e-3, 3e-3, 1e-2, 3e-2),
         quick_adam=slice(2, 3),
-        # Adam's best needs about 500 steps to 2.0 at this batch.
+        # Enough for Adam's best to reach 2.0 at this batch.
         steps=600,
         quick_steps=20,
         targets=autoencoder_256_targets,
