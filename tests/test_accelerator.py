@@ -4,17 +4,23 @@ The full command runs only on a GPU; its dry run is the same script (the same
 steps, parts, JSON and summary) at tiny sizes with this interpreter, so the
 script can't rot between device runs. The report's verdicts are checked on
 hand-made inputs too: a failed or timed-out step, a failed test and a part
-that never ran must make it fail, naming them.
+that never ran must make it fail, naming them. The `precision` part's
+written-out EKFAC update is checked against the library's.
 """
 
+import functools
 import json
 import os
 import pathlib
 import subprocess
 import sys
 
+import flax.linen as nn
+import jax
+import numpy as np
 import pytest
 
+import optax_ekfac as oek
 from benchmarks.accelerator import parts, report
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -120,3 +126,60 @@ def test_report_reads_failed_tests_from_junit(tmp_path, capsys):
     assert record["tests"]["counts"] == {"passed": 1, "failed": 1}
     assert record["tests"]["not_passed"] == ["tests.test_a::test_bad"]
     assert "test tests.test_a::test_bad: not passed" in capsys.readouterr().out
+
+
+def _dense_problem(width=16, damping=1e-2):
+    """One `Dense(10)` on inputs whose factor has condition 1e4, as the
+    `precision` part's (smaller)."""
+    inputs = parts.conditioned_inputs(width, 4 * width, condition=1e4)
+    labels = np.random.default_rng(1).integers(0, 10, len(inputs))
+    model = nn.Dense(10)
+    params = model.init(jax.random.key(0), inputs[:1])["params"]
+
+    def loss_fn(params, x, y):
+        return oek.softmax_cross_entropy(model.apply({"params": params}, x), y)
+
+    return loss_fn, params, inputs, labels
+
+
+def test_written_out_update_is_the_library_update():
+    """`parts.dense_ekfac_update` at float32 is `scale_by_ekfac`'s update of the
+    empirical Fisher, so what its coarse matmuls change is what the library's
+    would."""
+    damping = 1e-2
+    loss_fn, params, inputs, labels = _dense_problem(damping=damping)
+    curvature = oek.Curvature(loss_fn, fisher_type="empirical")
+    tx = oek.scale_by_ekfac(curvature.layers(params, inputs, labels), damping=damping)
+    _, grads, stats = curvature.value_grad_and_stats(params, inputs, labels)
+    update = tx.update(grads, tx.init(params), params, stats=stats)[0]
+    library = np.concatenate([update["kernel"], update["bias"][None]], 0)
+
+    rows, output_grads, gradient = parts.dense_rows(params, inputs, labels)
+    np.testing.assert_allclose(
+        gradient, np.concatenate([grads["kernel"], grads["bias"][None]], 0), atol=1e-6
+    )
+    written = parts.dense_ekfac_update(
+        rows, output_grads, gradient, damping, jax.lax.Precision.HIGHEST
+    )
+    assert np.linalg.norm(written - library) / np.linalg.norm(library) < 1e-4
+
+
+def test_written_out_update_matmuls_follow_the_precision_argument():
+    """Under a bfloat16 default, `precision=HIGHEST` keeps every matmul float32
+    and `precision=None` makes every one follow the default: the two updates
+    the `precision` part compares."""
+    rows, output_grads, gradient = parts.dense_rows(*_dense_problem()[1:])
+
+    def precisions(precision):
+        update = functools.partial(parts.dense_ekfac_update, precision=precision)
+        with jax.default_matmul_precision("bfloat16"):
+            jaxpr = jax.make_jaxpr(update)(rows, output_grads, gradient, 1e-4)
+        return [
+            eqn.params["precision"]
+            for eqn in jaxpr.jaxpr.eqns
+            if eqn.primitive.name == "dot_general"
+        ]
+
+    highest, default = jax.lax.Precision.HIGHEST, jax.lax.Precision.DEFAULT
+    assert precisions(highest) == [(highest, highest)] * 9
+    assert precisions(None) == [(default, default)] * 9
