@@ -943,7 +943,7 @@ def _key_of_batch(batch: tuple) -> jax.Array:
         positions = jnp.arange(bits.size, dtype=jnp.uint32)
         weights = positions * jnp.uint32(2654435761) + jnp.uint32(1)
         seed = seed * jnp.uint32(31) + jnp.sum(bits * weights, dtype=jnp.uint32)
-    return jax.random.fold_in(jax.random.key(0), seed)
+    return jax.random.key(seed)
 
 
 def _split_aux(result: Any, has_aux: bool) -> tuple[Any, Any]:

@@ -59,8 +59,8 @@ class Sampling:
     """The labels to sample while a Monte-Carlo Fisher capture is active.
 
     Attributes:
-        key: the `jax.random` key of this forward pass; helper call `i` samples
-            with `jax.random.fold_in(key, i)`.
+        key: the `"rbg"` key of this forward pass; helper call 0 samples
+            with it, call `i > 0` with `jax.random.fold_in(key, i)`.
         num_samples: `S`, label samples per loss term.
         losses: one `[S, ...]` array per helper call, in call order: the
             losses of the sampled labels, `S` times the helper's output shape.
@@ -85,8 +85,13 @@ def sampling(
 ) -> Iterator[Sampling]:
     """Makes the loss helpers record losses of sampled labels.
 
+    The labels are drawn with XLA's bit generator (`key`'s bits as an `"rbg"`
+    key): on CPU, threefry compiles to a rolled loop of many kernels per
+    draw, which dominated the capture's compile time; the bit generator
+    compiles to one fused kernel.
+
     Args:
-        key: a `jax.random` key.
+        key: a `jax.random` key (of any implementation).
         num_samples: label samples per loss term.
         loss_perturbations: one array per helper call, of its losses' shape,
             added to its losses before their weights (zeros: their cotangents
@@ -104,12 +109,24 @@ def sampling(
         >>> [sampled.shape for sampled in labels.losses]
         [(2, 4)]
     """
-    active = Sampling(key, num_samples, loss_perturbations)
+    active = Sampling(_bit_generator_key(key), num_samples, loss_perturbations)
     token = _ACTIVE_SAMPLING.set(active)
     try:
         yield active
     finally:
         _ACTIVE_SAMPLING.reset(token)
+
+
+def _bit_generator_key(key: jax.Array) -> jax.Array:
+    """An `"rbg"` key made of `key`'s bits (a typed key of any implementation,
+    or a raw `uint32` one), tiled to the 4 words it needs."""
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    words = jnp.asarray(key).reshape(-1).astype(jnp.uint32)
+    # A threefry key has 2 words; their complements fill the other two, so
+    # that the generator's two halves differ.
+    words = jnp.concatenate([words, ~words])[:4]
+    return jax.random.wrap_key_data(words, impl="rbg")
 
 
 @dataclasses.dataclass
@@ -272,7 +289,9 @@ def _record_sampled_losses(
     if active is None:
         return None
     index = len(active.losses)
-    key = jax.random.fold_in(active.key, index)
+    # The first call samples with the pass's key itself: a fold-in is a
+    # threefry hash (the bit generator's fold-in too).
+    key = active.key if index == 0 else jax.random.fold_in(active.key, index)
     labels = sample(key, jax.lax.stop_gradient(predictions), active.num_samples)
     sampled = jax.vmap(negative_log_likelihood, in_axes=(None, 0))(predictions, labels)
     active.losses.append(sampled)
