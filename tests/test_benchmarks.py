@@ -277,6 +277,7 @@ def test_large_batch_runs_end_to_end_and_writes_its_table(tmp_path, monkeypatch)
             seconds_to_target=100.0,
             mean_step_seconds=100.0 / steps,
             final_train_loss=1e9,
+            compile_seconds=50.0,
         )
 
     monkeypatch.setattr(kfac_jax, "run", fake_kfac_jax)
@@ -292,6 +293,9 @@ def test_large_batch_runs_end_to_end_and_writes_its_table(tmp_path, monkeypatch)
     summary = saved["cases"]["tiny_256"]["seeds"][0]
     assert row["time_to_target_ratio_to_kfac_jax"]["median"] == pytest.approx(
         summary["EKFAC"]["seconds_to_target"] / 100.0
+    )
+    assert row["kfac_jax_compile_ratio_to_adam"]["median"] == pytest.approx(
+        50.0 / summary["Adam"]["compile_seconds"]
     )
     for column in ("compile_ratio_to_adam", "peak_memory_ratio_to_adam"):
         assert row[column]["min"] > 0

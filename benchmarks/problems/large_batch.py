@@ -328,7 +328,9 @@ def describe_kfac_jax(run: SideBySide, comparison: Comparison) -> None:
         f"{run['steps_to_target']} steps, {run['seconds_to_target']} s (Adam's "
         f"best: {comparison.summary['Adam'].seconds_to_target} s), mean step "
         f"{1e3 * run['mean_step_seconds']:.2f} ms, train loss after "
-        f"{run['steps']} steps {run['final_train_loss']:.3g}"
+        f"{run['steps']} steps {run['final_train_loss']:.3g}, compiles "
+        f"{run.get('compile_seconds', float('nan')):.1f} s (Adam's "
+        f"{comparison.summary['Adam'].compile_seconds:.1f} s)"
     )
 
 
@@ -340,6 +342,7 @@ COLUMNS = (
     ("time_to_target_ratio_to_adam_best", "to target /Adam", ".2f"),
     ("time_to_target_ratio_to_kfac_jax", "/kfac-jax", ".2f"),
     ("compile_ratio_to_adam", "compile /Adam", ".2f"),
+    ("kfac_jax_compile_ratio_to_adam", "kfac-jax compile /Adam", ".2f"),
     ("peak_memory_ratio_to_adam", "memory /Adam", ".2f"),
 )
 
@@ -352,7 +355,12 @@ def table_row(
     row = {
         key: [getattr(summary, key) for summary in ekfac]
         for key, _, _ in COLUMNS
-        if key not in ("adam_steps_to_target", "time_to_target_ratio_to_kfac_jax")
+        if key
+        not in (
+            "adam_steps_to_target",
+            "time_to_target_ratio_to_kfac_jax",
+            "kfac_jax_compile_ratio_to_adam",
+        )
     }
     row["adam_steps_to_target"] = [
         c.summary["Adam"].steps_to_target for c in comparisons
@@ -362,6 +370,12 @@ def table_row(
         if run and run["seconds_to_target"] and summary.seconds_to_target is not None
         else None
         for summary, run in zip(ekfac, side_by_side)
+    ]
+    row["kfac_jax_compile_ratio_to_adam"] = [
+        run["compile_seconds"] / c.summary["Adam"].compile_seconds
+        if run and run.get("compile_seconds") and c.summary["Adam"].compile_seconds
+        else None
+        for c, run in zip(comparisons, side_by_side)
     ]
     return row
 
