@@ -174,3 +174,25 @@ def test_the_multi_device_block_trains_on_two_devices(tmp_path):
     output = result.stdout.split("--- the block ---")[1]
     assert "devices 2" in output
     _assert_trains(output, name)
+
+
+def test_every_row_of_the_bad_inputs_table_names_a_test_that_exists():
+    """docs/bad-inputs.md backs each row with `FILE::TEST` (`::TEST`: the
+    cell's previous file; "same test": the row above's)."""
+    rows = [
+        line
+        for line in (ROOT / "docs" / "bad-inputs.md").read_text().splitlines()
+        if line.startswith("| ") and not line.startswith(("| input", "| ---"))
+    ]
+    assert len(rows) >= 30
+    for row in rows:
+        cell = row.rstrip(" |").rsplit(" | ", 1)[1]
+        if cell == "same test":
+            continue
+        names = re.findall(r"`([\w.]*)::(\w+)`", cell)
+        assert names, f"no test named in {row!r}"
+        file = None
+        for file_name, test in names:
+            file = file_name or file
+            source = (ROOT / "tests" / file).read_text()
+            assert f"\ndef {test}(" in source, f"{file}::{test} in {row!r}"
