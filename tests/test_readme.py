@@ -203,3 +203,25 @@ def test_every_row_of_the_bad_inputs_table_names_a_test_that_exists():
             file = file_name or file
             source = (ROOT / "tests" / file).read_text()
             assert f"\ndef {test}(" in source, f"{file}::{test} in {row!r}"
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces
+    to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_link_between_the_pages_leads_somewhere():
+    for page in PAGES:
+        text = page.read_text()
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if target.startswith(("http://", "https://")):
+                continue
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            assert linked.is_file(), f"{page.name} links to {target}, not a file"
+            if anchor:
+                headings = re.findall(r"^#+ (.*)$", linked.read_text(), re.MULTILINE)
+                assert anchor in {_anchor(heading) for heading in headings}, (
+                    f"{page.name} links to {target}, no such heading"
+                )
