@@ -1,5 +1,7 @@
 """Bad input and bad numbers, as a user meets them: a non-finite step in the
-ready optimizer, `has_aux` mistakes, and labels in the wrong layout."""
+ready optimizer, `has_aux` mistakes, labels in the wrong layout, and a NaN
+loss with finite gradients (docs/bad-inputs.md lists each bad input with its
+test)."""
 
 import chex
 import flax.linen as nn
@@ -260,3 +262,46 @@ def test_a_fixed_learning_rate_must_be_positive(learning_rate):
     # A positive number, an array and a schedule are taken.
     for taken in (0.1, jnp.asarray(0.1), optax.cosine_decay_schedule(0.1, 100)):
         oek.ekfac(layers, learning_rate=taken)
+
+
+# --- a NaN loss with finite gradients ------------------------------------------
+
+
+def test_a_nan_loss_with_finite_gradients_skips_the_adaptive_step():
+    """A loss term that is NaN without a gradient (here through
+    `stop_gradient`) leaves the gradients and statistics finite; the adaptive
+    `ekfac` can't judge such a step and skips it, jitted, in float32: the
+    parameters and the state stay as they were but for the skip count."""
+    model = _Mlp()
+    x, y = _batch(0)
+    x = x.astype(jnp.float32)
+    params = model.init(jax.random.key(0), x)["params"]
+
+    def loss_fn(params, x, y, offset):
+        losses = oek.softmax_cross_entropy(model.apply({"params": params}, x), y)
+        return losses + jax.lax.stop_gradient(offset)
+
+    curvature = oek.Curvature(loss_fn, fisher_type="mc")
+    no_offset, nan_offset = jnp.zeros(8, jnp.float32), jnp.zeros(8, jnp.float32)
+    nan_offset = nan_offset.at[3].set(jnp.nan)
+    tx = oek.ekfac(curvature.layers(params, x, y, no_offset))
+
+    @jax.jit
+    def step(params, state, offset):
+        loss, grads, stats = curvature.value_grad_and_stats(params, x, y, offset)
+        updates, state = tx.update(grads, state, params, stats=stats)
+        return optax.apply_updates(params, updates), state, loss, grads
+
+    params, state, _, _ = step(params, tx.init(params), no_offset)  # taken
+    new_params, new_state, loss, grads = step(params, state, nan_offset)
+    assert np.isnan(loss)
+    chex.assert_tree_all_finite(grads)
+    chex.assert_trees_all_equal(new_params, params)
+    skipped = state.preconditioner.skipped_steps
+    assert int(new_state.preconditioner.skipped_steps) == int(skipped) + 1
+    chex.assert_trees_all_equal(
+        new_state._replace(
+            preconditioner=new_state.preconditioner._replace(skipped_steps=skipped)
+        ),
+        state,
+    )
