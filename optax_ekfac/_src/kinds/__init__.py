@@ -41,6 +41,7 @@ from optax_ekfac._src.kinds.blockwise import (
 from optax_ekfac._src.kinds.conv import Conv, ConvConfig
 from optax_ekfac._src.kinds.dense import Dense
 from optax_ekfac._src.kinds.dense_general import DenseGeneral, DenseGeneralConfig
+from optax_ekfac._src.kinds.einsum import Einsum, EinsumConfig
 from optax_ekfac._src.kinds.embed import Embed
 from optax_ekfac._src.kinds.registry import (
     get,
@@ -51,7 +52,7 @@ from optax_ekfac._src.kinds.registry import (
     supported,
 )
 
-register_built_in(Dense(), DenseGeneral(), Conv(), Embed())
+register_built_in(Dense(), DenseGeneral(), Conv(), Embed(), Einsum())
 
 __all__ = [
     "Bases",
@@ -62,6 +63,8 @@ __all__ = [
     "Dense",
     "DenseGeneral",
     "DenseGeneralConfig",
+    "Einsum",
+    "EinsumConfig",
     "Embed",
     "LayerKind",
     "LinenNames",
