@@ -378,8 +378,10 @@ class LinenNames:
     (`out_features`; linen: `features`) and LinearGeneral's batch axes
     (`batch_axis`; linen DenseGeneral: `batch_dims`). Everything else the
     description reads (`use_bias`, `axis`, `kernel_size`, `strides`,
-    `padding`, dilations, `feature_group_count`, `mask`, `num_embeddings`)
-    has the same name and meaning in both.
+    `padding`, dilations, `feature_group_count`, `mask`, `num_embeddings`,
+    `einsum_str`) has the same name and meaning in both, except where one
+    of them lacks it (nnx.Einsum's `bias_shape` for linen's `use_bias`): a
+    kind reads those with `getattr(module, name, default)`.
     """
 
     _NNX_NAMES = {"features": "out_features", "batch_dims": "batch_axis"}
