@@ -2,8 +2,8 @@
 
 from optax_ekfac import nnx
 from optax_ekfac._src.accumulation import accumulated
-from optax_ekfac._src.blocks import Block, Layers, LayerStats
-from optax_ekfac._src.capture import Curvature, Statistics, curvature_terms
+from optax_ekfac._src.blocks import Block, Layers
+from optax_ekfac._src.capture import Curvature, curvature_terms
 from optax_ekfac._src.curvature import precondition, relative_damping_floor
 from optax_ekfac._src.diagnostics import (
     BlockDistances,
@@ -14,6 +14,7 @@ from optax_ekfac._src.diagnostics import (
     kfac_block,
     per_example_gradients,
 )
+from optax_ekfac._src.kinds import CallShape, CallSite, LayerKind, register_kind
 from optax_ekfac._src.loss_model import LossModel
 from optax_ekfac._src.losses import (
     sigmoid_binary_cross_entropy,
@@ -21,6 +22,7 @@ from optax_ekfac._src.losses import (
     squared_error,
 )
 from optax_ekfac._src.state import BlockState, ScaleByEkfacState
+from optax_ekfac._src.statistics import LayerStats, Statistics
 from optax_ekfac._src.step_control import EkfacState
 from optax_ekfac._src.train_state import TrainState, with_stats
 from optax_ekfac._src.transform import ekfac, scale_by_ekfac
@@ -31,8 +33,11 @@ __all__ = [
     "Block",
     "BlockDistances",
     "BlockState",
+    "CallShape",
+    "CallSite",
     "Curvature",
     "EkfacState",
+    "LayerKind",
     "LayerStats",
     "Layers",
     "LossModel",
@@ -49,6 +54,7 @@ __all__ = [
     "kfac_block",
     "nnx",
     "per_example_gradients",
+    "register_kind",
     "precondition",
     "relative_damping_floor",
     "scale_by_ekfac",

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import optax_ekfac as oek
-from optax_ekfac._src import blocks
+from optax_ekfac._src import blocks, kinds
 
 F64 = dict(param_dtype=jnp.float64)
 
@@ -119,12 +119,12 @@ def _per_example_grads(loss_fn, params, batch):
 
 def _per_example_blocks(block, per_example_grads):
     leaves = blocks.leaves_by_path(per_example_grads)
-    return jax.vmap(lambda leaves: blocks.block_matrix(block, leaves))(leaves)
+    return jax.vmap(lambda leaves: kinds.block_matrix(block, leaves))(leaves)
 
 
 def _row_gradients(block, stats):
     """G_n = Σ_p a dᵀ from the captured rows (one-hot for token ids)."""
-    return blocks.per_example_block_gradients(
+    return kinds.per_example_block_gradients(
         block, stats.layers[block.name], jnp.float64
     )
 
@@ -194,13 +194,13 @@ def test_rows_reproduce_per_example_gradients(problem):
 def test_block_matrix_round_trips(problem):
     leaves = blocks.leaves_by_path(problem["params"])
     for block in problem["layers"].blocks:
-        matrix = blocks.block_matrix(block, leaves)
+        matrix = kinds.block_matrix(block, leaves)
         chex.assert_shape(
             matrix,
             ((block.num_groups,) if block.grouped else ())
             + (block.input_dim, block.output_dim),
         )
-        back = blocks.block_leaves(block, matrix, leaves)
+        back = kinds.block_leaves(block, matrix, leaves)
         chex.assert_trees_all_equal(back, {p: leaves[p] for p in block.param_paths})
 
 
@@ -225,7 +225,7 @@ def test_conv_patches_are_the_kernel_jacobian(conv):
     )
     block = curvature.layers(params, x).blocks[0]
     _, _, stats = curvature.value_grad_and_stats(params, x)
-    rows, _ = blocks.example_rows(block, stats.layers["conv"], jnp.float64)
+    rows, _ = kinds.example_rows(block, stats.layers["conv"], jnp.float64)
     rows = rows if block.grouped else rows[None]
     for group in range(groups):
         channel = group * out_per_group  # any output channel of the group
@@ -271,8 +271,8 @@ def test_exact_scalings_and_update_equal_the_reference(problem):
             if block.grouped
             else jax.tree.map(lambda x: x[None], block_state)
         )
-        gradients = blocks.block_matrix(block, grad_leaves)
-        updates_matrix = blocks.block_matrix(block, update_leaves)
+        gradients = kinds.block_matrix(block, grad_leaves)
+        updates_matrix = kinds.block_matrix(block, update_leaves)
         if not block.grouped:
             gradients, updates_matrix = gradients[None], updates_matrix[None]
         for group in range(block.num_groups):
@@ -299,11 +299,11 @@ def test_exact_scalings_and_update_equal_the_reference(problem):
 def _dense_rows(block, stats):
     """All rows of a block as dense arrays: token ids as one-hot rows, and a
     tied embedding's attend calls appended as more positions."""
-    inputs, outputs = blocks.example_rows(block, stats, jnp.float64)
+    inputs, outputs = kinds.example_rows(block, stats, jnp.float64)
     if not block.diagonal_input:
         return inputs, outputs
     inputs = jax.nn.one_hot(inputs, block.input_dim, dtype=jnp.float64)
-    attends = blocks.attend_rows(block, stats, jnp.float64)
+    attends = kinds.attend_rows(block, stats, jnp.float64)
     if attends is not None:
         inputs = jnp.concatenate([inputs, attends[0]], 1)
         outputs = jnp.concatenate([outputs, attends[1]], 1)
@@ -344,7 +344,7 @@ def test_per_position_scalings_differ_where_positions_interact(problem):
     for block in problem["layers"].blocks:
         exact_scalings = exact_state.blocks[block.name].scalings
         position_scalings = position_state.blocks[block.name].scalings
-        _, outputs = blocks.example_rows(
+        _, outputs = kinds.example_rows(
             block, problem["stats"].layers[block.name], jnp.float64
         )
         if outputs.shape[-2] > 1 and not block.diagonal_input:
@@ -387,7 +387,7 @@ def test_reduce_sums_positions_before_the_outer_products():
     tx = oek.scale_by_ekfac(layers, weight_sharing="reduce")
     state = tx.update(grads, tx.init(params), params, stats=stats)[1]
     block = next(b for b in layers.blocks if b.name == "attention/query")
-    inputs, outputs = blocks.example_rows(block, stats.layers[block.name], jnp.float64)
+    inputs, outputs = kinds.example_rows(block, stats.layers[block.name], jnp.float64)
     mean_inputs, summed_outputs = inputs.mean(1), outputs.sum(1)
     chex.assert_trees_all_close(
         state.blocks[block.name].input_factor,

@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 import optax_ekfac as oek
-from optax_ekfac._src import blocks
+from optax_ekfac._src import blocks, kinds
 
 F64 = dict(param_dtype=jnp.float64)
 LINEAR_CALL = nnx.Linear.__dict__["__call__"]
@@ -145,10 +145,10 @@ def twins(request):
         # Per block: G_n from the rows, and from vmap(grad).
         block_gradients = {
             block.name: (
-                blocks.per_example_block_gradients(
+                kinds.per_example_block_gradients(
                     block, stats.layers[block.name], jnp.float64
                 ),
-                jax.vmap(lambda leaves, b=block: blocks.block_matrix(b, leaves))(
+                jax.vmap(lambda leaves, b=block: kinds.block_matrix(b, leaves))(
                     per_example
                 ),
             )

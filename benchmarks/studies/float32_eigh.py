@@ -43,7 +43,7 @@ import numpy as np
 jax.config.update("jax_enable_x64", True)
 
 import optax_ekfac as oek  # noqa: E402
-from optax_ekfac._src import blocks  # noqa: E402
+from optax_ekfac._src import blocks, kinds  # noqa: E402
 
 OUTPUTS = 8
 DAMPINGS = [1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1]
@@ -96,10 +96,10 @@ def states(x, y, loss: str, dtype: Any, kfac: bool, eigh_dtype: Any = None):
 
     grads, updates, state = first_update(params, x, y)
     (block,) = layers.blocks
-    gradient = blocks.block_matrix(block, blocks.leaves_by_path(grads))
+    gradient = kinds.block_matrix(block, blocks.leaves_by_path(grads))
     # The default update is `precondition` with the default floor (checked
     # once, at the default damping).
-    expected = blocks.block_matrix(block, blocks.leaves_by_path(updates))
+    expected = kinds.block_matrix(block, blocks.leaves_by_path(updates))
     np.testing.assert_allclose(
         expected,
         oek.precondition(state.blocks[block.name], gradient, 1e-3),

@@ -22,9 +22,9 @@ import optax
 from flax import nnx
 
 from optax_ekfac._src import nnx_capture
-from optax_ekfac._src.blocks import LayerStats
-from optax_ekfac._src.capture import Curvature, Statistics
+from optax_ekfac._src.capture import Curvature
 from optax_ekfac._src.loss_model import LossModel
+from optax_ekfac._src.statistics import LayerStats, Statistics
 
 
 def accumulated(

@@ -25,40 +25,22 @@ parameters, statistics and optimizer state carry the stack's leading axes
 (`Block.stack`, e.g. `(L,)` for `L` scanned layers), and every computation
 of its kind is vmapped over them (`over_stack`).
 
-This module holds what every kind shares: `Block`, `Layers`, `LayerStats`,
-parameter paths, and the entry points that hand a block to its kind
-(`kinds/`): its rows, per-example gradients and block matrix.
+This module holds the description every kind shares, below the kinds:
+`Block`, `Layers` and parameter paths. The entry points that hand a block to
+its kind (its rows, per-example gradients and block matrix, vmapped over a
+stack and over groups) are in `kinds/blockwise.py`.
 """
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Sequence
+from typing import Any
 
 import jax
-
-from optax_ekfac._src import kinds
 
 ParamPath = tuple[str, ...]
 
 ROOT_NAME = "(root)"
-
-
-class LayerStats(NamedTuple):
-    """What one call of a layer contributes to its block's statistics.
-
-    Attributes:
-        inputs: the layer input as the layer saw it, `[N, ...]` (token ids
-            for an embedding lookup).
-        output_grads: per-example output gradients `dl_n/dy_n`, the shape of
-            the layer output `[N, ...]`.
-
-    A stacked block's (`Block.stack`, a scanned layer's) carry the stack's
-    axes first: `[L, N, ...]`.
-    """
-
-    inputs: jax.Array
-    output_grads: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,8 +50,9 @@ class Block:
     Attributes:
         name: the module path, e.g. `"encoder/Dense_0"`; keys the statistics
             and the optimizer state.
-        kind: the layer kind: `"Dense"`, `"DenseGeneral"`, `"Conv"`, `"Embed"`;
-            `layer_kind` is its implementation, from the registry in `kinds/`.
+        kind: the layer kind: `"Dense"`, `"DenseGeneral"`, `"Conv"`, `"Embed"`,
+            `"Einsum"` (or a kind registered with `register_kind`); its
+            implementation is `kinds.get(kind)`.
         param_paths: paths of the parameters the block owns in the params
             tree: the kernel (or embedding), then the bias if there is one.
         input_dim: size of the input factor `A` of one group (`d_in`, plus 1
@@ -85,6 +68,8 @@ class Block:
         stack: the leading axes of a stacked module's parameters (`(L,)` for
             `L` layers under `nn.scan`), one block per element, each with its
             own statistics and state; `()` for a plain module.
+        diagonal_input: the input factor is diagonal, kept as a vector, with
+            the identity as eigenbasis (an embedding's one-hot input rows).
     """
 
     name: str
@@ -97,20 +82,11 @@ class Block:
     config: Any = None
     call_methods: tuple[str, ...] = ()
     stack: tuple[int, ...] = ()
+    diagonal_input: bool = False
 
     @property
     def has_bias(self) -> bool:
         return len(self.param_paths) == 2
-
-    @property
-    def layer_kind(self) -> kinds.LayerKind:
-        """The kind object that knows this block's rows, checks and math."""
-        return kinds.get(self.kind)
-
-    @property
-    def diagonal_input(self) -> bool:
-        """The input factor is diagonal with the identity as eigenbasis."""
-        return self.layer_kind.diagonal_input
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -180,63 +156,6 @@ class Layers:
 def block_name(module_path: Sequence[str]) -> str:
     """A block's name: its module path joined by "/" (the root: "(root)")."""
     return "/".join(module_path) or ROOT_NAME
-
-
-# --- handing a block to its kind -------------------------------------------------
-
-
-def example_rows(
-    block: Block, stats: Sequence[LayerStats], dtype: Any
-) -> tuple[jax.Array, jax.Array]:
-    """Input and output rows of all calls of a block: `[N, positions, dim]`
-    each (grouped: a leading group axis; an embedding: token ids `[N, P]`)."""
-    return block.layer_kind.example_rows(block, stats, dtype)
-
-
-def attend_rows(
-    block: Block, stats: Sequence[LayerStats], dtype: Any
-) -> tuple[jax.Array, jax.Array] | None:
-    """The rows of calls with the block's sides swapped (a tied embedding's
-    `attend`): `(vocabulary_rows, feature_rows)`, or None."""
-    return block.layer_kind.attend_rows(block, stats, dtype)
-
-
-def per_example_block_gradients(
-    block: Block, stats: Sequence[LayerStats], dtype: Any
-) -> jax.Array:
-    """`G_n = Σ_p a_{n,p} d_{n,p}ᵀ`: `[N, input_dim, output_dim]` (grouped:
-    `[N, G, input_dim, output_dim]`). Materialises one-hot token rows, so it is
-    meant for inspection of small models, not for the training step."""
-    return block.layer_kind.per_example_gradients(block, stats, dtype)
-
-
-def over_stack(block: Block, fn: Callable[..., Any]) -> Callable[..., Any]:
-    """`fn`, vmapped over the stack's leading axes of all its arguments (for a
-    plain block, `fn` itself)."""
-    for _ in block.stack:
-        fn = jax.vmap(fn)
-    return fn
-
-
-def block_matrix(block: Block, leaves: Mapping[ParamPath, jax.Array]) -> jax.Array:
-    """The block matrix `(input_dim, output_dim)` (grouped: with a leading
-    group axis; stacked: with the stack's axes first) from its parameter
-    leaves."""
-    kind, element = block.layer_kind, block.unstacked()
-    own = {path: leaves[path] for path in block.param_paths}
-    return over_stack(block, lambda own: kind.block_matrix(element, own))(own)
-
-
-def block_leaves(
-    block: Block, matrix: jax.Array, like: Mapping[ParamPath, jax.Array]
-) -> dict[ParamPath, jax.Array]:
-    """Split a block matrix back into its leaves, in the shapes and dtypes of
-    `like`."""
-    kind, element = block.layer_kind, block.unstacked()
-    own = {path: like[path] for path in block.param_paths}
-    return over_stack(
-        block, lambda matrix, own: kind.block_leaves(element, matrix, own)
-    )(matrix, own)
 
 
 # --- parameter paths ----------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Capture: every block's inputs and output gradients in the loss's own pass.
 
 `Curvature(loss_fn)` runs the user's `loss_fn` under a `flax.linen` method
-interceptor. For every call of a supported layer the interceptor records the
-layer input and adds a zero *perturbation* to the layer output. One
+interceptor (`interceptor.py`). For every call of a supported layer the
+interceptor records the layer input and adds a zero *perturbation* to the
+layer output. One
 `jax.value_and_grad` over `(params, perturbations)` then gives the loss, the
 parameter gradients and, as the perturbations' gradients, the output
 cotangents `dL/dy` of every call.
@@ -26,17 +27,16 @@ Its perturbation and an *input slot* (zeros shaped like its input) then
 enter as variables of the module (linen: extra entries of its `"params"`;
 nnx: extra `Param`s, see `nnx_capture.py`), so the transformation slices
 them per layer (a scan's or a vmap's stacked parameters) or passes them
-through (remat) as it does the module's own parameters. `_tap` adds the
-perturbation to the output and hands the layer input back as the slot's
-cotangent: the one backward pass returns, stacked over the layers, both the
-output gradients and the inputs.
+through (remat) as it does the module's own parameters. `_tap`
+(`interceptor.py`) adds the perturbation to the output and hands the layer
+input back as the slot's cotangent: the one backward pass returns, stacked
+over the layers, both the output gradients and the inputs.
 """
 
-import dataclasses
 import math
 import numbers
 from collections.abc import Callable
-from typing import Any, Literal, NamedTuple, get_args
+from typing import Any, Literal, get_args
 
 import flax.linen as nn
 import jax
@@ -44,19 +44,22 @@ import jax.numpy as jnp
 import optax
 from flax.core import tracers
 
-from optax_ekfac._src import compat, kinds
-from optax_ekfac._src.blocks import (
-    Block,
-    Layers,
-    LayerStats,
-    block_name,
-    leaves_by_path,
+from optax_ekfac._src import compat, kinds, validation
+from optax_ekfac._src.blocks import Layers
+from optax_ekfac._src.interceptor import (
+    Call,
+    Entries,
+    Interceptor,
+    layers_from_calls,
+    per_call,
+    with_entries,
+    with_stacks,
 )
-from optax_ekfac._src.kinds import SUPPORTED
 from optax_ekfac._src.loss_model import LossModel
 from optax_ekfac._src.losses import recorded_weights, sampling
 from optax_ekfac._src.options import DEFAULTS
 from optax_ekfac._src.sharding import example_shards, leading_examples, sharding_of
+from optax_ekfac._src.statistics import LayerStats, Statistics
 
 FisherType = Literal["empirical", "mc"]
 FISHER_TYPES = get_args(FisherType)
@@ -66,307 +69,6 @@ FISHER_TYPES = get_args(FisherType)
 # least this many examples (`curvature_terms`).
 MIN_CURVATURE_TERMS = 256
 MIN_CURVATURE_EXAMPLES = 32
-
-
-class Statistics(NamedTuple):
-    """The statistics of one batch, as `scale_by_ekfac` takes them.
-
-    The curvature is that of the loss `loss_fn` defines, the mean over its
-    `N` loss terms: the output-gradient factors and the scalings sum over the
-    rows and divide by `N` (times `S` label samples for the Monte-Carlo
-    Fisher), not by the number of examples. A `[B, T]` token loss and the
-    same model written on `[B * T]` rows get the same factors.
-
-    Attributes:
-        layers: block name -> one `LayerStats` per call of that block, in call
-            order (a module called twice has two entries).
-        num_terms: `N`, the number of loss terms the batch loss averages;
-            with weighted losses (the helpers' `weights`), their sum (a
-            mask's real terms), an array.
-        num_samples: `S`, the label samples per loss term whose output
-            gradients the rows hold (`fisher_type="mc"`); 1 for the empirical
-            Fisher.
-        loss_model: the batch's loss as a function of the parameters, for the
-            adaptive `ekfac`'s step control (exact curvature products and the
-            loss at other parameters); None where the statistics were made
-            by hand. With the curvature from a sample of the batch, the
-            sample's loss.
-        num_batch_terms: the loss terms of the whole batch, which the
-            gradient averages, where the statistics come from a sample of the
-            batch (`Curvature`'s `max_curvature_terms`); None where they cover
-            the whole batch (`num_terms`).
-    """
-
-    layers: dict[str, tuple[LayerStats, ...]]
-    num_terms: int | jax.Array
-    num_samples: int = 1
-    loss_model: LossModel | None = None
-    num_batch_terms: int | jax.Array | None = None
-
-    @property
-    def num_sampled_terms(self) -> int | jax.Array:
-        """`S * N`: what the sums over the rows' output gradients divide by."""
-        return self.num_terms * self.num_samples
-
-    @property
-    def gradient_terms(self) -> int | jax.Array:
-        """The loss terms the gradient averages: the whole batch's."""
-        return self.num_terms if self.num_batch_terms is None else self.num_batch_terms
-
-
-@dataclasses.dataclass(frozen=True)
-class _Call:
-    """One call of a block seen while tracing `loss_fn`.
-
-    `transformed`: made under a JAX transformation inside `loss_fn`, its
-    perturbation and input slot come in as the module's variables, the
-    `index`-th of its module; `stack`: the leading axes its module's
-    parameters have beyond what the call sees (`(L,)` under `nn.scan`),
-    filled in from the params once the trace is done. `inputs` and
-    `outputs` are what one element of the stack sees.
-    """
-
-    name: str
-    module_path: tuple[str, ...]
-    kind: str
-    method: str
-    shape: kinds.CallShape
-    inputs: jax.ShapeDtypeStruct
-    outputs: jax.ShapeDtypeStruct
-    transformed: bool = False
-    index: int = 0
-    stack: tuple[int, ...] = ()
-
-    @property
-    def entry_names(self) -> tuple[str, str]:
-        """The module variables of a transformed call: perturbation, slot."""
-        return (
-            f"{ENTRY_PREFIX}output_{self.index}",
-            f"{ENTRY_PREFIX}input_{self.index}",
-        )
-
-    def entries(self) -> tuple[jax.Array, jax.Array]:
-        """Zero perturbation and input slot, stacked: `stack + shape`.
-
-        The slot is floating point (token ids come back as floats, exact up
-        to 2**24). Both are sharded as the layer's output and input are
-        (the example axis, under an explicit mesh): a cotangent takes its
-        primal's type.
-        """
-        outputs, inputs = self.outputs, self.inputs
-        slot_dtype = (
-            inputs.dtype
-            if jnp.issubdtype(inputs.dtype, jnp.floating)
-            else jnp.promote_types(outputs.dtype, jnp.float32)
-        )
-
-        def zeros(like, dtype):
-            sharding = like.sharding
-            spec = (tuple(sharding.spec) + (None,) * like.ndim)[: like.ndim]
-            stacked = jax.sharding.NamedSharding(
-                sharding.mesh,
-                jax.sharding.PartitionSpec(*(None,) * len(self.stack), *spec),
-            )
-            return jnp.zeros(self.stack + like.shape, dtype, out_sharding=stacked)
-
-        return zeros(outputs, outputs.dtype), zeros(inputs, slot_dtype)
-
-
-# Module path -> variable name -> a transformed call's perturbation or slot.
-Entries = dict[tuple[str, ...], dict[str, jax.Array]]
-
-# Names of the module variables that carry a transformed call's perturbation
-# and input slot; no layer has parameters of these names.
-ENTRY_PREFIX = "optax_ekfac_"
-
-
-@jax.custom_vjp
-def _tap(outputs, perturbation, inputs, input_slot):
-    """`outputs + perturbation`; the backward pass gives the perturbation the
-    output cotangent and the input slot the layer input itself."""
-    del inputs, input_slot
-    return outputs + perturbation
-
-
-def _tap_forward(outputs, perturbation, inputs, input_slot):
-    return _tap(outputs, perturbation, inputs, input_slot), (inputs, input_slot)
-
-
-def _tap_backward(residuals, cotangent):
-    inputs, input_slot = residuals
-    # The input's own gradient flows through the layer; the tap adds none.
-    # The slot's "cotangent" is the input: not linear in `cotangent`, but the
-    # capture reads it once, from the backward pass of the loss.
-    return cotangent, cotangent, None, inputs.astype(input_slot.dtype)
-
-
-_tap.defvjp(_tap_forward, _tap_backward)
-
-
-def _in_discarded_trace(loss_trace: Any) -> bool:
-    """Whether this runs within `nn.scan`'s extra trace of its body (a partial
-    evaluation that checks the broadcast variables, whose jaxpr is dropped)
-    inside `loss_fn`: calls there are not calls of the model."""
-    return compat.in_partial_eval_since(loss_trace)
-
-
-class _Interceptor:
-    """Records block calls; adds perturbations to their outputs.
-
-    With `perturbations=None` it only describes the calls (the shape pass).
-    Otherwise the i-th call in `loss_fn`'s own trace gets `perturbations[i]`
-    and records its input; a call under a transformation inside `loss_fn`
-    reads its perturbation and input slot from its module's variables
-    (`_Call.entry_names`) and goes through `_tap`.
-
-    It is a `flax.linen` method interceptor; the flax.nnx capture (`nnx.py`)
-    calls it the same way, with a context that also carries `module_path`
-    (nnx modules do not know their path), `parameters` and `entry`.
-    """
-
-    def __init__(self, perturbations: tuple[jax.Array, ...] | None = None):
-        self.perturbations = perturbations
-        self.calls: list[_Call] = []
-        self.inputs: list[jax.Array] = []
-        # The JAX trace loss_fn runs in; calls under another one are
-        # `transformed`.
-        self.loss_trace = None
-        # The same trace as an object, where the search for a partial
-        # evaluation inside loss_fn stops (`_in_discarded_trace`).
-        self.loss_trace_object = None
-        # The sum of the loss terms' weights, None for unweighted losses.
-        self.weights_sum: jax.Array | None = None
-        # Transformed calls' perturbations and input slots, by module path
-        # and variable name (`_Call.entries`), for the capture to hand to the
-        # modules; empty in the shape pass.
-        self.entries: Entries = {}
-        self._num_direct = 0
-        self._num_transformed: dict[tuple[str, ...], int] = {}
-
-    def __call__(self, next_fun, args, kwargs, context):
-        kind = kinds.kind_of(context.module, context.method_name)
-        if kind is None or _in_discarded_trace(self.loss_trace_object):
-            return next_fun(*args, **kwargs)
-        module_path = _module_path(context)
-        name = block_name(module_path)
-        transformed = tracers.current_trace() != self.loss_trace
-        if transformed:
-            _check_sliced(name, kind.name, context)
-        inputs = args[0] if args else next(iter(kwargs.values()))
-        outputs = next_fun(*args, **kwargs)
-        shape = jax.ShapeDtypeStruct
-        call = _Call(
-            name=name,
-            module_path=module_path,
-            kind=kind.name,
-            method=context.method_name,
-            shape=kind.describe(
-                kinds.CallSite(
-                    name,
-                    kinds.LinenNames(context.module),
-                    shape(inputs.shape, inputs.dtype),
-                    shape(outputs.shape, outputs.dtype),
-                )
-            ),
-            inputs=shape(
-                inputs.shape, inputs.dtype, sharding=jax.typeof(inputs).sharding
-            ),
-            outputs=shape(
-                outputs.shape, outputs.dtype, sharding=jax.typeof(outputs).sharding
-            ),
-            transformed=transformed,
-            index=self._num_transformed.get(module_path, 0) if transformed else 0,
-        )
-        if transformed:
-            self._num_transformed[module_path] = call.index + 1
-        else:
-            self._num_direct += 1
-        if self.perturbations is not None:
-            if transformed:
-                outputs = self._tapped(call, context, outputs, inputs)
-            else:
-                outputs = outputs + self._perturbation(call)
-        self.calls.append(call)
-        if not transformed:
-            self.inputs.append(inputs)
-        return outputs
-
-    def _perturbation(self, call: _Call) -> jax.Array:
-        assert self.perturbations is not None
-        index = self._num_direct - 1
-        if index >= len(self.perturbations) or (
-            call.outputs.shape != self.perturbations[index].shape
-        ):
-            raise _changed_calls_error(call.name)
-        return self.perturbations[index]
-
-    def _tapped(self, call, context, outputs, inputs) -> jax.Array:
-        perturbation, input_slot = (
-            _read_entry(context, name) for name in call.entry_names
-        )
-        if perturbation is None or input_slot is None:
-            raise ValueError(
-                f"{call.name}: this {call.kind} layer runs inside a JAX "
-                "transformation within loss_fn, and its module does not hold "
-                "the capture's variables: loss_fn must apply the model with "
-                "the params it is given, unchanged in structure, as its "
-                "'params' collection (model.apply({'params': params}, x))."
-            )
-        if perturbation.shape != outputs.shape or input_slot.shape != inputs.shape:
-            raise _changed_calls_error(call.name)
-        return _tap(outputs, perturbation, inputs, input_slot)
-
-
-def _changed_calls_error(name: str) -> RuntimeError:
-    return RuntimeError(
-        f"{name}: loss_fn called its layers differently in two traces with the "
-        "same inputs; the capture needs a loss_fn whose layer calls depend "
-        "only on shapes."
-    )
-
-
-def _read_entry(context, name: str) -> jax.Array | None:
-    """A capture variable of the called module, or None if it has none."""
-    if hasattr(context, "entry"):  # the nnx capture's context
-        return context.entry(name)
-    module = context.module
-    if not module.has_variable("params", name):
-        return None
-    return module.get_variable("params", name)
-
-
-def _check_sliced(name: str, kind: str, context) -> None:
-    """Raises unless a transformed call's parameters are its own: arguments of
-    the transformation (sliced by a scan or vmap, passed through by remat),
-    where its perturbation and input slot will be too."""
-    parameters = getattr(context, "parameters", None)
-    if parameters is None:
-        parameters = context.module.variables.get("params", {})
-    leaves = jax.tree.leaves(parameters)
-    if all(compat.is_tracer_of_current_trace(leaf) for leaf in leaves):
-        return
-    raise ValueError(
-        f"{name}: this {kind} layer runs inside a JAX transformation within "
-        "loss_fn that does not pass it its parameters (nn.scan with "
-        "variable_broadcast='params' (weight tying), nn.vmap with "
-        "variable_axes={'params': None} (a vmap over the examples), "
-        "jax.checkpoint, jax.vmap or an nnx transform over a function that "
-        "closes over the parameters or the module), so the capture cannot "
-        "tell its calls apart. Supported: nn.remat / nn.checkpoint / "
-        "nnx.remat, nn.scan / nn.vmap with variable_axes={'params': 0}, "
-        "nnx.scan / nnx.vmap over a module stacked on axis 0, and "
-        "jax.checkpoint of a function that takes the params (or the nnx "
-        "module) as an argument. Otherwise apply the transformation to "
-        "modules without captured layers, or leave it out when training "
-        f"with EKFAC ({SUPPORTED})."
-    )
-
-
-def _module_path(context) -> tuple[str, ...]:
-    """The called module's path: a linen module knows it; an nnx capture's
-    context carries it."""
-    path = getattr(context, "module_path", None)
-    return tuple(context.module.path if path is None else path)
 
 
 class Curvature:
@@ -479,11 +181,11 @@ class Curvature:
             else int(max_curvature_terms)
         )
 
-    def _call_loss_fn(self, params, batch, interceptor: _Interceptor) -> Any:
+    def _call_loss_fn(self, params, batch, interceptor: Interceptor) -> Any:
         """`loss_fn(params, *batch)` with its layer calls going through
         `interceptor`: a linen method interceptor here; `nnx.Curvature`
         routes flax.nnx layer calls instead."""
-        params = _with_entries(params, interceptor.entries)
+        params = with_entries(params, interceptor.entries)
         with nn.intercept_methods(interceptor):
             return self.loss_fn(params, *batch)
 
@@ -495,7 +197,7 @@ class Curvature:
         interceptor.loss_trace_object = compat.current_trace()
         with recorded_weights() as weights:
             result = self._call_loss_fn(params, batch, interceptor)
-        losses, aux = _split_aux(result, self.has_aux)
+        losses, aux = validation.split_aux(result, self.has_aux)
         losses = jnp.asarray(losses)
         if losses.ndim == 0:
             raise ValueError(
@@ -512,21 +214,21 @@ class Curvature:
 
     def _uncaptured_losses(self, params, batch) -> jax.Array:
         """The losses alone, nothing recorded (the `LossModel`'s function)."""
-        return self._losses(params, batch, _Interceptor())[0]
+        return self._losses(params, batch, Interceptor())[0]
 
-    def _trace_calls(self, params, batch) -> tuple[list[_Call], jax.ShapeDtypeStruct]:
+    def _trace_calls(self, params, batch) -> tuple[list[Call], jax.ShapeDtypeStruct]:
         """The block calls and the losses' shape, from shapes alone."""
-        interceptor = _Interceptor()
+        interceptor = Interceptor()
         losses = jax.eval_shape(
             lambda p, b: self._losses(p, b, interceptor)[0], params, batch
         )
         if not interceptor.calls:
             raise ValueError(
                 "loss_fn called no layer that EKFAC can precondition (supported: "
-                f"{SUPPORTED}). Does loss_fn apply the model it is given?"
+                f"{kinds.supported()}). Does loss_fn apply the model it is given?"
             )
-        _check_loss_terms(losses.shape, batch)
-        return _with_stacks(interceptor.calls, params), losses
+        validation.check_loss_terms(losses.shape, batch)
+        return with_stacks(interceptor.calls, params), losses
 
     def layers(self, params: optax.Params, *batch: Any) -> Layers:
         """Describes the blocks of the model, tracing `loss_fn` (no FLOPs).
@@ -543,7 +245,7 @@ class Curvature:
         """
         calls, losses = self._trace_calls(params, batch)
         self._check_example_axes(params, batch, calls, losses)
-        return _layers_from_calls(calls, params)
+        return layers_from_calls(calls, params)
 
     def _check_example_axes(self, params, batch, calls, losses) -> None:
         """Raises for a captured call whose leading axis is not the examples'.
@@ -556,7 +258,7 @@ class Curvature:
         `loss_fn` again (shapes only) on a batch twice as large tells them
         apart: an example axis, `[B]` or `[B * T]` rows, grows with the batch.
         """
-        batch_size = _batch_size(batch, losses.shape)
+        batch_size = validation.batch_size(batch, losses.shape)
         if batch_size is None:
             return
 
@@ -638,19 +340,19 @@ class Curvature:
 
     def _mean_loss(self, params, batch):
         """The mean loss, and `(aux, the sum of the terms' weights or None)`."""
-        interceptor = _Interceptor()
+        interceptor = Interceptor()
         losses, aux = self._losses(params, batch, interceptor)
         return jnp.mean(losses), (aux, interceptor.weights_sum)
 
     def _curvature_sample(self, params, batch, calls, loss_shape) -> tuple | None:
         """The examples the curvature comes from (see `max_curvature_terms`),
         or None for the whole batch."""
-        batch_size = _batch_size(batch, loss_shape)
+        batch_size = validation.batch_size(batch, loss_shape)
         if self.max_curvature_terms == "all" or batch_size is None:
             return None
         terms_per_example = self.num_samples * (math.prod(loss_shape) // batch_size)
         max_terms = self.max_curvature_terms or curvature_terms(
-            _layers_from_calls(calls, params), terms_per_example
+            layers_from_calls(calls, params), terms_per_example
         )
         leading = [
             leaf
@@ -699,7 +401,7 @@ class Curvature:
         else:
 
             def mean_loss(params, perturbations):
-                interceptor = _Interceptor(perturbations[0])
+                interceptor = Interceptor(perturbations[0])
                 interceptor.entries = perturbations[1]
                 losses, aux = self._losses(params, batch, interceptor)
                 recorded = (tuple(interceptor.inputs), aux, interceptor.weights_sum)
@@ -710,7 +412,7 @@ class Curvature:
                     params, perturbations
                 )
             )
-            inputs, output_cotangents = _per_call(calls, direct_inputs, cotangents)
+            inputs, output_cotangents = per_call(calls, direct_inputs, cotangents)
         num_terms = losses.size if weights_sum is None else weights_sum
         if self.fisher_type != "mc":
             # d(mean l)/dy_n is (1/N) dl_n/dy_n (weighted: (w_n/N) dl_n/dy_n).
@@ -745,7 +447,7 @@ class Curvature:
         num_samples = self.num_samples
 
         def run(params, perturbations, loss_perturbations):
-            interceptor = _Interceptor(perturbations[0])
+            interceptor = Interceptor(perturbations[0])
             interceptor.entries = perturbations[1]
             with sampling(key, num_samples, loss_perturbations) as sampled:
                 losses, aux = self._losses(params, batch, interceptor)
@@ -775,7 +477,7 @@ class Curvature:
         mean_cotangent = jnp.full_like(losses, 1 / losses.size)
         no_samples = tuple(jnp.zeros_like(sampled) for sampled in sampled_losses)
         grads, cotangents, slopes = backward((mean_cotangent, no_samples))
-        inputs, _ = _per_call(calls, direct_inputs, cotangents)
+        inputs, _ = per_call(calls, direct_inputs, cotangents)
         # A term's sampled gradient weighs √(N dL/dl): the Fisher of `c l` is
         # `c` times that of `l` (`√w` for weights). A negative slope (a loss_fn
         # that subtracts a helper's losses) has no Fisher: those terms are
@@ -797,7 +499,7 @@ class Curvature:
                 for scale, sampled in zip(sampled_scales, sampled_losses)
             )
             cotangents = backward((jnp.zeros_like(losses), sample_cotangents))[1]
-            return _per_call(calls, direct_inputs, cotangents)[1]
+            return per_call(calls, direct_inputs, cotangents)[1]
 
         # Their parameter cotangents are unused: jit removes them. A loop, not
         # vmap: JAX cannot batch the transposed convolutions of a sharded batch.
@@ -887,42 +589,6 @@ def _weighted_mean_terms(
     return losses * (losses.size / total), total
 
 
-def _with_entries(params: Any, entries: Entries) -> Any:
-    """`params` with the transformed calls' variables added to their modules'
-    dicts (new dicts along the way; `params` itself is not changed)."""
-    if not entries:
-        return params
-    params = dict(params)
-    for module_path, variables in entries.items():
-        node = params
-        for key in module_path:
-            node[key] = dict(node.get(key, {}))
-            node = node[key]
-        node.update(variables)
-    return params
-
-
-def _per_call(
-    calls: list[_Call], direct_inputs: tuple, cotangents: tuple
-) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
-    """Every call's input and output cotangent, in call order, from the
-    recorded inputs of direct calls and the cotangents `(direct, entries)`:
-    a transformed call's input is its slot's cotangent (`_tap`)."""
-    direct_outputs, entry_cotangents = cotangents
-    direct_input_iter, direct_output_iter = iter(direct_inputs), iter(direct_outputs)
-    inputs, outputs = [], []
-    for call in calls:
-        if call.transformed:
-            variables = entry_cotangents[call.module_path]
-            output_name, input_name = call.entry_names
-            inputs.append(variables[input_name].astype(call.inputs.dtype))
-            outputs.append(variables[output_name])
-        else:
-            inputs.append(next(direct_input_iter))
-            outputs.append(next(direct_output_iter))
-    return tuple(inputs), tuple(outputs)
-
-
 def _key_of_batch(batch: tuple) -> jax.Array:
     """A PRNG key that follows the batch's contents: a hash of its bits.
 
@@ -946,35 +612,6 @@ def _key_of_batch(batch: tuple) -> jax.Array:
     return jax.random.key(seed)
 
 
-def _split_aux(result: Any, has_aux: bool) -> tuple[Any, Any]:
-    """`(losses, aux)` from what `loss_fn` returned, or a `has_aux` mistake.
-
-    Caught here, at the first trace: unchecked, a forgotten `has_aux=True`
-    reaches `jnp.asarray((losses, aux))`, and a needless one unpacks the
-    losses array, with errors that do not name `has_aux`.
-    """
-    is_pair = isinstance(result, (tuple, list)) and len(result) == 2
-    if has_aux and not is_pair:
-        if isinstance(result, (tuple, list)):
-            returned = f"a {type(result).__name__} of {len(result)} entries"
-        elif hasattr(result, "shape"):
-            returned = f"an array of shape {tuple(result.shape)}"
-        else:
-            returned = f"a {type(result).__name__}"
-        raise ValueError(
-            "Curvature(has_aux=True) needs loss_fn to return (losses, aux), a "
-            f"pair; it returned {returned}. Return (losses, aux), or drop "
-            "has_aux=True if loss_fn returns the losses alone."
-        )
-    if not has_aux and isinstance(result, (tuple, list)):
-        raise ValueError(
-            f"loss_fn returned a {type(result).__name__}; it must return the "
-            "per-example losses as one array. If it returns (losses, aux), "
-            "pass Curvature(loss_fn, has_aux=True)."
-        )
-    return tuple(result) if has_aux else (result, None)
-
-
 def _samples_as_examples(stacked: jax.Array, stack_ndim: int = 0) -> jax.Array:
     """`[S, *stack, N, ...]` -> `[*stack, S * N, ...]` (sample-major), sharded
     like the examples.
@@ -991,135 +628,3 @@ def _samples_as_examples(stacked: jax.Array, stack_ndim: int = 0) -> jax.Array:
     )
     shape = stacked.shape[:stack_ndim] + (-1,) + stacked.shape[stack_ndim + 2 :]
     return jnp.reshape(stacked, shape, out_sharding=merged)
-
-
-def _with_stacks(calls: list[_Call], params: optax.Params) -> list[_Call]:
-    """The calls, each transformed one with the leading axes its module's
-    parameters have beyond the call's (`(L,)` for a scanned layer)."""
-    leaves = leaves_by_path(params)
-    stacked = []
-    for call in calls:
-        param_name, shape = call.shape.params[0]
-        leaf = leaves.get(call.module_path + (param_name,))
-        if call.transformed and leaf is not None:
-            held = tuple(leaf.shape)
-            num_stacked = len(held) - len(shape)
-            if num_stacked > 0 and held[num_stacked:] == tuple(shape):
-                call = dataclasses.replace(call, stack=held[:num_stacked])
-        stacked.append(call)
-    return stacked
-
-
-def _layers_from_calls(calls: list[_Call], params: optax.Params) -> Layers:
-    """Groups calls into blocks and matches them to the params tree."""
-    leaves = leaves_by_path(params)
-    calls_by_name: dict[str, list[_Call]] = {}
-    for call in calls:
-        calls_by_name.setdefault(call.name, []).append(call)
-    blocks = []
-    for name, block_calls in calls_by_name.items():
-        first = block_calls[0].shape
-        for call in block_calls[1:]:
-            if call.shape != first:
-                raise ValueError(
-                    f"{name}: its calls imply different blocks ({first} and "
-                    f"{call.shape}); a module called several times must see "
-                    "inputs of the same feature shape."
-                )
-        stack = block_calls[0].stack
-        if any(call.stack != stack for call in block_calls):
-            raise ValueError(
-                f"{name}: this module is called both inside and outside a "
-                "transformation that stacks its parameters; call it one way."
-            )
-        module_path = block_calls[0].module_path
-        param_paths = tuple(module_path + (p,) for p, _ in first.params)
-        for path, (_, shape) in zip(param_paths, first.params):
-            _check_param(name, path, stack + tuple(shape), leaves)
-        blocks.append(
-            Block(
-                name=name,
-                kind=block_calls[0].kind,
-                param_paths=param_paths,
-                input_dim=first.input_dim,
-                output_dim=first.output_dim,
-                num_calls=len(block_calls),
-                num_groups=first.num_groups,
-                config=first.config,
-                call_methods=tuple(call.method for call in block_calls),
-                stack=stack,
-            )
-        )
-    owned = {path for block in blocks for path in block.param_paths}
-    fallback = tuple(path for path in leaves if path not in owned)
-    return Layers(blocks=tuple(blocks), fallback=fallback)
-
-
-def _check_param(name: str, path, shape, leaves) -> None:
-    """Raises unless `params` holds the parameter a call needs, as it needs it."""
-    if path not in leaves:
-        raise ValueError(
-            f"{name}: its parameter {'/'.join(path)} is not in params. loss_fn "
-            "must apply the model with the params it is given as its 'params' "
-            "collection, e.g. model.apply({'params': params}, x)."
-        )
-    held = leaves[path].shape
-    if len(held) > len(shape):
-        raise ValueError(
-            f"{name}: params hold {'/'.join(path)} of shape {held}, the layer's "
-            f"calls need {tuple(shape)}: its parameters are stacked on an axis "
-            "other than the first (nn.vmap or nn.scan with variable_axes="
-            "{'params': k}, k > 0), which the capture does not support; stack "
-            "them on axis 0 (variable_axes={'params': 0})."
-        )
-    if held != tuple(shape):
-        raise ValueError(
-            f"{name}: params hold {'/'.join(path)} of shape {held}, the layer's "
-            f"calls need {tuple(shape)}; are these the params loss_fn applies?"
-        )
-
-
-def _leading_sizes(batch: tuple) -> set[int]:
-    """The leading sizes of the batch arguments that have an axis."""
-    return {jnp.shape(leaf)[0] for leaf in jax.tree.leaves(batch) if jnp.ndim(leaf)}
-
-
-def _batch_size(batch: tuple, loss_shape: tuple[int, ...]) -> int | None:
-    """The number of examples `B` in `batch`, or None where it can't be told.
-
-    `B` is the losses' leading size when a batch argument shares it (`[B]` or
-    `[B, T]` losses), else the leading size every batch argument with an axis
-    shares (`[B * T]` losses); otherwise (a lookup table or raw positions
-    among the arguments, flattened losses) it is unknown.
-    """
-    leading_sizes = _leading_sizes(batch)
-    if loss_shape and loss_shape[0] in leading_sizes:
-        return loss_shape[0]
-    if len(leading_sizes) == 1:
-        return next(iter(leading_sizes))
-    return None
-
-
-def _check_loss_terms(loss_shape: tuple[int, ...], batch: tuple) -> None:
-    """Raises when the losses cannot be whole loss terms of each example.
-
-    Every example contributes a whole number of loss terms (`[B]`, `[B, T]`,
-    `[B * T]`), so `N` is a multiple of the batch size `B`. A loss reduced over
-    the batch axis (`.mean(0)`, `keepdims=True`) breaks that, and would scale
-    the output gradients by the wrong `N`. `B` is known only when every batch
-    argument with an axis has the same leading size; otherwise (a lookup
-    table, a raw key among the arguments) nothing is checked.
-    """
-    leading_sizes = _leading_sizes(batch)
-    if len(leading_sizes) != 1:
-        return
-    (batch_size,) = leading_sizes
-    num_terms = math.prod(loss_shape)
-    if num_terms % batch_size:
-        raise ValueError(
-            f"loss_fn returned losses of shape {tuple(loss_shape)} ({num_terms} "
-            f"terms) for a batch of {batch_size} examples (the leading axis of "
-            "the batch arguments); it must return unreduced losses with whole "
-            "terms per example ([B], or [B, T] for token losses), not losses "
-            "reduced over the batch (e.g. .mean(0) or keepdims=True)."
-        )

@@ -29,16 +29,12 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
-from optax_ekfac._src.blocks import (
-    Block,
-    Layers,
-    block_leaves,
-    leaves_by_path,
-    over_stack,
-)
-from optax_ekfac._src.capture import Statistics
+from optax_ekfac._src import kinds
+from optax_ekfac._src.blocks import Block, Layers, leaves_by_path
 from optax_ekfac._src.curvature import dense_matrix
+from optax_ekfac._src.kinds import block_leaves
 from optax_ekfac._src.state import BlockState, ScaleByEkfacState
+from optax_ekfac._src.statistics import Statistics
 
 
 def per_example_gradients(
@@ -258,10 +254,7 @@ def _per_example_block_gradients(block: Block, stats: Statistics) -> jax.Array:
     `[N, *stack, ...]`), in at least float32."""
     block_stats = stats.layers[block.name]
     dtype = jnp.promote_types(block_stats[0].output_grads.dtype, jnp.float32)
-    kind, element = block.layer_kind, block.unstacked()
-    gradients = over_stack(
-        block, lambda calls: kind.per_example_gradients(element, calls, dtype)
-    )(block_stats)
+    gradients = kinds.per_example_block_gradients(block, block_stats, dtype)
     return jnp.moveaxis(gradients, len(block.stack), 0)
 
 

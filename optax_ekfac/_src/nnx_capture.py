@@ -7,10 +7,12 @@ An NNX `loss_fn(model, *batch)` is the linen capture's `loss_fn(params,
     loss(params, *batch) = loss_fn(nnx.merge(graphdef, params, rest), *batch)
 
 so `nnx.Curvature` is a thin adapter over `optax_ekfac.Curvature`. While
-`loss_fn` runs, the calls of `nnx.Linear`, `nnx.LinearGeneral`, `nnx.Conv`
-and `nnx.Embed` (and `Embed.attend`) go through the linen capture's own
-interceptor: their methods are replaced on their classes for the duration,
-and restored afterwards. nnx modules do not know their paths, so the
+`loss_fn` runs, the calls of the nnx layers the registered kinds list
+(`nnx.Linear`, `nnx.LinearGeneral`, `nnx.Conv`, `nnx.Embed` and its `attend`,
+`nnx.Einsum`, and any registered with `optax_ekfac.register_kind`; see
+`kinds.nnx_methods`) go through the linen capture's own interceptor
+(`interceptor.py`): their methods are replaced on their classes for the
+duration, and restored afterwards. nnx modules do not know their paths, so the
 interceptor is told each module's path in the merged model. Everything else
 (the perturbations, the batch scaling, the Monte-Carlo Fisher, `Layers`,
 `Statistics`) is the linen capture's: the gradients are an `nnx.State` like
@@ -40,18 +42,11 @@ from flax import nnx
 from flax.core import tracers
 from flax.nnx import filterlib
 
-from optax_ekfac._src import capture
+from optax_ekfac._src import capture, kinds, validation
 from optax_ekfac._src.blocks import Layers, leaves_by_path
-from optax_ekfac._src.capture import FisherType, Statistics
-
-# The layer methods whose calls the capture sees: (class, method name).
-_CAPTURED_METHODS: tuple[tuple[type, str], ...] = (
-    (nnx.Linear, "__call__"),
-    (nnx.LinearGeneral, "__call__"),
-    (nnx.Conv, "__call__"),
-    (nnx.Embed, "__call__"),
-    (nnx.Embed, "attend"),
-)
+from optax_ekfac._src.capture import FisherType
+from optax_ekfac._src.interceptor import Entries, Interceptor
+from optax_ekfac._src.statistics import Statistics
 
 
 class Curvature:
@@ -219,13 +214,13 @@ class _OverParams(capture.Curvature):
                 result = self.loss_fn(model, *batch)
         finally:
             _detach(model, attached)
-        losses, aux = capture._split_aux(result, self.loss_fn_has_aux)
+        losses, aux = validation.split_aux(result, self.loss_fn_has_aux)
         _, _, rest = nnx.split(model, self.wrt, ...)  # type: ignore[misc]
         return losses, (aux, rest)
 
 
 def _attach(
-    model: Any, module_paths: dict[int, tuple[str, ...]], entries: capture.Entries
+    model: Any, module_paths: dict[int, tuple[str, ...]], entries: Entries
 ) -> list[tuple[Any, str]]:
     """Tags the captured modules of `model` with their paths and attaches the
     transformed calls' entries; returns what to remove afterwards."""
@@ -287,7 +282,7 @@ class _LayerCall:
 class _Router:
     """Hands the calls of the model's layers to the capture's interceptor."""
 
-    interceptor: capture._Interceptor
+    interceptor: Interceptor
     module_paths: dict[int, tuple[str, ...]]
 
     def __call__(self, method, module, method_name, args, kwargs):
@@ -324,7 +319,7 @@ def _calls_routed_to(router: _Router) -> Iterator[None]:
     token = _ACTIVE_ROUTER.set(router)
     with _INSTALL_LOCK:
         if not _num_active_captures:
-            for cls, name in _CAPTURED_METHODS:
+            for cls, name in kinds.nnx_methods():
                 _originals[cls, name] = cls.__dict__[name]
                 setattr(cls, name, _routed(cls.__dict__[name], name))
         _num_active_captures += 1

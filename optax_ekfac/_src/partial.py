@@ -19,8 +19,8 @@ import optax
 
 from optax_ekfac._src import validation
 from optax_ekfac._src.blocks import Layers, leaves_by_path, path_names
-from optax_ekfac._src.capture import Statistics
 from optax_ekfac._src.loss_model import LossModel
+from optax_ekfac._src.statistics import Statistics
 
 
 def restricted(layers: Layers, tree: Any) -> Layers:

@@ -18,12 +18,12 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from optax_ekfac._src import curvature, sharding
-from optax_ekfac._src.blocks import Block, Layers, over_stack
-from optax_ekfac._src.capture import Statistics
+from optax_ekfac._src import curvature, kinds, sharding
+from optax_ekfac._src.blocks import Block, Layers
 from optax_ekfac._src.kinds import Rows
 from optax_ekfac._src.options import Options
 from optax_ekfac._src.state import BlockState, ScaleByEkfacState
+from optax_ekfac._src.statistics import Statistics
 
 BasesAndScalings = tuple[jax.Array | None, jax.Array, jax.Array]  # U_A, U_B, S
 
@@ -82,24 +82,9 @@ def initial_block_state(
     block: Block, dtype: Any, max_factor_dim: int | None = None
 ) -> BlockState:
     """Zero factors and scalings, identity eigenbases (replaced at update 1);
-    a side wider than `max_factor_dim` block-diagonal, `[k, b, b]`."""
-    stack = block.stack + ((block.num_groups,) if block.grouped else ())
-    input_dim, output_dim = block.input_dim, block.output_dim
-    input_shape = curvature.factor_shape(input_dim, max_factor_dim)
-    output_shape = curvature.factor_shape(output_dim, max_factor_dim)
-
-    def eye(shape):
-        return jnp.broadcast_to(jnp.eye(shape[-1], dtype=dtype), stack + shape)
-
-    return BlockState(
-        input_factor=jnp.zeros(
-            stack + ((input_dim,) if block.diagonal_input else input_shape), dtype
-        ),
-        output_factor=jnp.zeros(stack + output_shape, dtype),
-        input_eigenbasis=None if block.diagonal_input else eye(input_shape),
-        output_eigenbasis=eye(output_shape),
-        scalings=jnp.zeros(stack + (input_dim, output_dim), dtype),
-    )
+    a side wider than `max_factor_dim` block-diagonal, `[k, b, b]` (the
+    block's kind says which sides have bases)."""
+    return kinds.initial_state(block, dtype, max_factor_dim)
 
 
 def refreshed_second_moments(
@@ -136,12 +121,7 @@ def refreshed_blocks(
     rows, factors = {}, {}
     for block in blocks:
         dtype = states[block.name].output_factor.dtype
-        rows[block.name] = over_stack(
-            block,
-            lambda calls, block=block, dtype=dtype: block.layer_kind.rows(
-                block.unstacked(), calls, dtype
-            ),
-        )(stats.layers[block.name])
+        rows[block.name] = kinds.rows(block, stats.layers[block.name], dtype)
         factors[block.name] = _refreshed_factors(
             block,
             states[block.name],
@@ -191,18 +171,7 @@ def _refreshed_factors(
     stats_count: jax.Array,
 ) -> tuple[jax.Array, jax.Array]:
     """The running averages of `A` and `B` after one batch of rows."""
-    input_rows, output_rows, attend_rows = rows
-
-    def batch_factors(input_rows, output_rows, attend_rows):
-        group_rows = (input_rows, output_rows, attend_rows)
-        return block.layer_kind.batch_factors(
-            block.unstacked(), group_rows, num_terms, options
-        )
-
-    if block.grouped:
-        batch_factors = jax.vmap(batch_factors, in_axes=(0, 0, None))
-    batch_factors = over_stack(block, batch_factors)
-    input_batch, output_batch = batch_factors(input_rows, output_rows, attend_rows)
+    input_batch, output_batch = kinds.batch_factors(block, rows, num_terms, options)
     decay = options.refresh_decay
     return (
         curvature.ema(state.input_factor, input_batch, decay, stats_count),
@@ -219,21 +188,9 @@ def _refreshed_scalings(
     scalings_count: jax.Array,
 ) -> jax.Array:
     """The running average of `S` in the current eigenbases after one batch."""
-    input_rows, output_rows, attend_rows = rows
     input_basis, output_basis, scalings = bases
-
-    def batch_scalings(input_rows, output_rows, attend_rows, input_basis, output_basis):
-        group_rows = (input_rows, output_rows, attend_rows)
-        group_bases = (input_basis, output_basis)
-        return block.layer_kind.batch_scalings(
-            block.unstacked(), group_rows, group_bases, num_terms, options
-        )
-
-    if block.grouped:
-        batch_scalings = jax.vmap(batch_scalings, in_axes=(0, 0, None, 0, 0))
-    batch_scalings = over_stack(block, batch_scalings)
-    batch = batch_scalings(
-        input_rows, output_rows, attend_rows, input_basis, output_basis
+    batch = kinds.batch_scalings(
+        block, rows, (input_basis, output_basis), num_terms, options
     )
     return curvature.ema(scalings, batch, options.refresh_decay, scalings_count)
 

@@ -53,10 +53,10 @@ import jax.numpy as jnp
 import optax
 
 from optax_ekfac._src import partial, validation
-from optax_ekfac._src.capture import Statistics
 from optax_ekfac._src.loss_model import LossModel
 from optax_ekfac._src.options import Adaptation
 from optax_ekfac._src.state import ScaleByEkfacState
+from optax_ekfac._src.statistics import Statistics
 
 _LOWER_RATIO, _UPPER_RATIO = 0.25, 0.75
 # A step is taken only if the batch's loss fell by at least this fraction of

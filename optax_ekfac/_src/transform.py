@@ -17,17 +17,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_ekfac._src import partial, refresh, step_control, validation
-from optax_ekfac._src.blocks import (
-    Block,
-    Layers,
-    block_leaves,
-    block_matrix,
-    over_stack,
-    path_names,
-)
-from optax_ekfac._src.capture import Statistics
-from optax_ekfac._src.curvature import precondition, relative_damping_floor
+from optax_ekfac._src import kinds, partial, refresh, step_control, validation
+from optax_ekfac._src.blocks import Block, Layers, path_names
+from optax_ekfac._src.curvature import relative_damping_floor
 from optax_ekfac._src.options import (
     ADAPTATION,
     DEFAULTS,
@@ -36,6 +28,7 @@ from optax_ekfac._src.options import (
     WeightSharing,
 )
 from optax_ekfac._src.state import BlockState, ScaleByEkfacState
+from optax_ekfac._src.statistics import Statistics
 
 
 def scale_by_ekfac(
@@ -498,18 +491,12 @@ def _preconditioned_blocks(
     directions = {}
     for block in blocks:
         block_state = states[block.name]
-        gradient = block_matrix(block, grads)
+        gradient = kinds.block_matrix(block, grads)
         floor = relative_damping_floor(block_state.scalings.dtype, options.eigh_dtype)
-
-        def preconditioned(block_state, gradient, block=block, floor=floor):
-            if block.grouped:
-                return jax.vmap(precondition, in_axes=(0, 0, None, None))(
-                    block_state, gradient, options.damping, floor
-                )
-            return precondition(block_state, gradient, options.damping, floor)
-
-        direction = over_stack(block, preconditioned)(block_state, gradient)
-        directions.update(block_leaves(block, direction, grads))
+        direction = kinds.precondition(
+            block, block_state, gradient, options.damping, floor
+        )
+        directions.update(kinds.block_leaves(block, direction, grads))
     return directions
 
 

@@ -1,9 +1,12 @@
-"""The checks of `scale_by_ekfac`'s arguments, state and statistics.
+"""The checks of `scale_by_ekfac`'s arguments, state and statistics, and of
+the batch and losses the capture gets.
 
-Every check raises through `error`, which names the function the user called:
-`ValueError("scale_by_ekfac: ...")` (or a `TypeError` for a wrong type).
-Shapes are checked when the step is traced; values only where they are
-concrete (see `_check_hyperparameters`).
+Every check of the optimizer raises through `error`, which names the function
+the user called: `ValueError("scale_by_ekfac: ...")` (or a `TypeError` for a
+wrong type). Shapes are checked when the step is traced; values only where
+they are concrete (see `_check_hyperparameters`). The capture's checks
+(`split_aux`, `check_loss_terms`, `batch_size`) name `loss_fn` and
+`Curvature`'s arguments.
 """
 
 import dataclasses
@@ -15,11 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_ekfac._src import callers, curvature
-from optax_ekfac._src.blocks import Block, Layers, LayerStats, leaves_by_path
-from optax_ekfac._src.capture import Statistics
+from optax_ekfac._src import callers, kinds
+from optax_ekfac._src.blocks import Block, Layers, leaves_by_path
 from optax_ekfac._src.options import Adaptation, Options, Scalings, WeightSharing
 from optax_ekfac._src.state import BlockState, ScaleByEkfacState
+from optax_ekfac._src.statistics import LayerStats, Statistics
 
 SCALE_BY_EKFAC = "scale_by_ekfac"
 EKFAC = "ekfac"
@@ -182,11 +185,10 @@ def _check_factor_shapes(
 ) -> None:
     """Raises unless the factors are dense or block-diagonal as
     `max_factor_dim` makes them (not a state from another `max_factor_dim`)."""
-    sides = [("output_factor", block.output_dim)]
-    if not block.diagonal_input:
-        sides.insert(0, ("input_factor", block.input_dim))
-    for name, dim in sides:
-        expected = curvature.factor_shape(dim, max_factor_dim)
+    shapes = kinds.factor_shapes(block, max_factor_dim)
+    for name, dim, expected in zip(
+        ("input_factor", "output_factor"), (block.input_dim, block.output_dim), shapes
+    ):
         held = getattr(block_state, name).shape
         if held[len(held) - len(expected) :] != expected:
             raise error(
@@ -283,7 +285,7 @@ def check_stats(layers: Layers, stats: Any) -> None:
             for call in calls
         ]
         for call, method in zip(elements, block.methods):
-            problem = block.layer_kind.misfit(block, call, method)
+            problem = kinds.get(block.kind).misfit(block, call, method)
             if problem is not None:
                 raise error(SCALE_BY_EKFAC, problem)
         num_examples = sorted({call.inputs.shape[0] for call in elements})
@@ -428,3 +430,81 @@ def checked_adaptation(adaptation: Adaptation) -> Adaptation:
             f"{adaptation.max_damping}].",
         )
     return adaptation
+
+
+# --- the batch and the losses of the capture -------------------------------------
+
+
+def split_aux(result: Any, has_aux: bool) -> tuple[Any, Any]:
+    """`(losses, aux)` from what `loss_fn` returned, or a `has_aux` mistake.
+
+    Caught here, at the first trace: unchecked, a forgotten `has_aux=True`
+    reaches `jnp.asarray((losses, aux))`, and a needless one unpacks the
+    losses array, with errors that do not name `has_aux`.
+    """
+    is_pair = isinstance(result, (tuple, list)) and len(result) == 2
+    if has_aux and not is_pair:
+        if isinstance(result, (tuple, list)):
+            returned = f"a {type(result).__name__} of {len(result)} entries"
+        elif hasattr(result, "shape"):
+            returned = f"an array of shape {tuple(result.shape)}"
+        else:
+            returned = f"a {type(result).__name__}"
+        raise ValueError(
+            "Curvature(has_aux=True) needs loss_fn to return (losses, aux), a "
+            f"pair; it returned {returned}. Return (losses, aux), or drop "
+            "has_aux=True if loss_fn returns the losses alone."
+        )
+    if not has_aux and isinstance(result, (tuple, list)):
+        raise ValueError(
+            f"loss_fn returned a {type(result).__name__}; it must return the "
+            "per-example losses as one array. If it returns (losses, aux), "
+            "pass Curvature(loss_fn, has_aux=True)."
+        )
+    return tuple(result) if has_aux else (result, None)
+
+
+def _leading_sizes(batch: tuple) -> set[int]:
+    """The leading sizes of the batch arguments that have an axis."""
+    return {jnp.shape(leaf)[0] for leaf in jax.tree.leaves(batch) if jnp.ndim(leaf)}
+
+
+def batch_size(batch: tuple, loss_shape: tuple[int, ...]) -> int | None:
+    """The number of examples `B` in `batch`, or None where it can't be told.
+
+    `B` is the losses' leading size when a batch argument shares it (`[B]` or
+    `[B, T]` losses), else the leading size every batch argument with an axis
+    shares (`[B * T]` losses); otherwise (a lookup table or raw positions
+    among the arguments, flattened losses) it is unknown.
+    """
+    leading_sizes = _leading_sizes(batch)
+    if loss_shape and loss_shape[0] in leading_sizes:
+        return loss_shape[0]
+    if len(leading_sizes) == 1:
+        return next(iter(leading_sizes))
+    return None
+
+
+def check_loss_terms(loss_shape: tuple[int, ...], batch: tuple) -> None:
+    """Raises when the losses cannot be whole loss terms of each example.
+
+    Every example contributes a whole number of loss terms (`[B]`, `[B, T]`,
+    `[B * T]`), so `N` is a multiple of the batch size `B`. A loss reduced over
+    the batch axis (`.mean(0)`, `keepdims=True`) breaks that, and would scale
+    the output gradients by the wrong `N`. `B` is known only when every batch
+    argument with an axis has the same leading size; otherwise (a lookup
+    table, a raw key among the arguments) nothing is checked.
+    """
+    leading_sizes = _leading_sizes(batch)
+    if len(leading_sizes) != 1:
+        return
+    (batch_size,) = leading_sizes
+    num_terms = math.prod(loss_shape)
+    if num_terms % batch_size:
+        raise ValueError(
+            f"loss_fn returned losses of shape {tuple(loss_shape)} ({num_terms} "
+            f"terms) for a batch of {batch_size} examples (the leading axis of "
+            "the batch arguments); it must return unreduced losses with whole "
+            "terms per example ([B], or [B, T] for token losses), not losses "
+            "reduced over the batch (e.g. .mean(0) or keepdims=True)."
+        )

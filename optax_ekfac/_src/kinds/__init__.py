@@ -7,13 +7,13 @@
 | Conv         | image patches (KFC, Grosse & Martens)   | each output position     |
 | Embed        | one-hot token ids (kept as ids)         | each token's output      |
 | Embed.attend | output gradients over the vocabulary    | the query                |
+| Einsum       | the contracted input axes, flattened    | the kernel's output axes |
 
 Adding a kind is adding a module with a `LayerKind` subclass (see `base.py`)
-and registering an instance in `KINDS` below.
+and registering an instance: below for this package's kinds, with
+`optax_ekfac.register_kind` for a user's. `blockwise.py` maps a kind's
+computations over a block's stack and groups.
 """
-
-import flax.linen as nn
-from flax import nnx
 
 from optax_ekfac._src.kinds.base import (
     Bases,
@@ -23,43 +23,38 @@ from optax_ekfac._src.kinds.base import (
     LinenNames,
     Rows,
 )
+from optax_ekfac._src.kinds.blockwise import (
+    attend_rows,
+    batch_factors,
+    batch_scalings,
+    block_leaves,
+    block_matrix,
+    example_rows,
+    factor_shapes,
+    initial_state,
+    over_block,
+    over_stack,
+    per_example_block_gradients,
+    precondition,
+    rows,
+)
 from optax_ekfac._src.kinds.conv import Conv, ConvConfig
 from optax_ekfac._src.kinds.dense import Dense
 from optax_ekfac._src.kinds.dense_general import DenseGeneral, DenseGeneralConfig
+from optax_ekfac._src.kinds.einsum import Einsum, EinsumConfig
 from optax_ekfac._src.kinds.embed import Embed
-
-KINDS: dict[str, LayerKind] = {
-    kind.name: kind for kind in (Dense(), DenseGeneral(), Conv(), Embed())
-}
-SUPPORTED = (
-    "flax.linen Dense, DenseGeneral, Conv and Embed; "
-    "flax.nnx Linear, LinearGeneral, Conv and Embed"
+from optax_ekfac._src.kinds.registry import (
+    get,
+    kind_of,
+    nnx_methods,
+    register_built_in,
+    register_kind,
+    supported,
 )
 
-
-def get(name: str) -> LayerKind:
-    """The kind registered under `name` (`Block.kind`)."""
-    return KINDS[name]
-
-
-def kind_of(module: nn.Module | nnx.Module, method_name: str) -> LayerKind | None:
-    """The layer kind of a module method call, or None if it is not a block.
-
-    flax.nnx layers are the kinds of their linen counterparts: `nnx.Linear` is
-    a "Dense", `nnx.LinearGeneral` a "DenseGeneral". Modules that are not
-    recognised (and Conv with a mask, DenseGeneral with `batch_dims`,
-    LinearGeneral with `batch_axis`) are not captured: their parameters fall
-    back to the diagonal.
-    """
-    for kind in KINDS.values():
-        if kind.recognises(module, method_name):
-            return kind
-    return None
-
+register_built_in(Dense(), DenseGeneral(), Conv(), Embed(), Einsum())
 
 __all__ = [
-    "KINDS",
-    "SUPPORTED",
     "Bases",
     "CallShape",
     "CallSite",
@@ -68,10 +63,28 @@ __all__ = [
     "Dense",
     "DenseGeneral",
     "DenseGeneralConfig",
+    "Einsum",
+    "EinsumConfig",
     "Embed",
     "LayerKind",
     "LinenNames",
     "Rows",
+    "attend_rows",
+    "batch_factors",
+    "batch_scalings",
+    "block_leaves",
+    "block_matrix",
+    "example_rows",
+    "factor_shapes",
     "get",
+    "initial_state",
     "kind_of",
+    "nnx_methods",
+    "over_block",
+    "over_stack",
+    "per_example_block_gradients",
+    "precondition",
+    "register_kind",
+    "rows",
+    "supported",
 ]

@@ -1,11 +1,14 @@
 """What a layer kind is: the interface every kind implements, and its defaults.
 
-A kind (Dense, DenseGeneral, Conv, Embed) knows, for the calls of its
-modules: how to recognise one, what block it implies (`describe`, with the
-kind's typed config), how to turn the captured arrays into input and output
-rows, whether statistics fit the block, how to move between parameter leaves
-and the block matrix, and how to compute the block's per-example gradients,
-factors and scalings from the rows.
+A kind (Dense, DenseGeneral, Conv, Embed, Einsum) knows, for the calls of its
+modules: which layer classes and methods it covers (`layer_methods`, flax.linen
+and flax.nnx alike, the one listing both captures read), what block a call
+implies (`describe`, with the kind's typed config), how to turn the captured
+arrays into input and output rows, whether statistics fit the block, how to
+move between parameter leaves and the block matrix, the shapes of its factors,
+and how to compute the block's per-example gradients, factors, scalings and
+preconditioned gradient from the rows, for one group of one element of a
+stack (`blockwise.py` maps them over the rest).
 
 The defaults here are those of a kernel (and bias) that multiplies input
 rows, `y = a W + b`, the block matrix being the kernel's rows and then the
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
@@ -26,10 +30,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from optax_ekfac._src import curvature
+from optax_ekfac._src.blocks import Block, ParamPath
 from optax_ekfac._src.sharding import reshape_keeping
+from optax_ekfac._src.state import BlockState
+from optax_ekfac._src.statistics import LayerStats
 
 if TYPE_CHECKING:
-    from optax_ekfac._src.blocks import Block, LayerStats, ParamPath
     from optax_ekfac._src.options import Options
 
 ParamShapes = tuple[tuple[str, tuple[int, ...]], ...]
@@ -47,17 +53,32 @@ class CallSite(NamedTuple):
         module: the module's settings under linen's names.
         inputs: the shape and dtype of the layer input.
         outputs: the shape and dtype of the layer output.
+        args: the call's positional arguments after the input.
+        kwargs: the call's keyword arguments.
     """
 
     name: str
     module: "LinenNames"
     inputs: jax.ShapeDtypeStruct
     outputs: jax.ShapeDtypeStruct
+    args: tuple = ()
+    kwargs: Mapping[str, Any] = types.MappingProxyType({})
 
 
 @dataclasses.dataclass(frozen=True)
 class CallShape:
-    """What one call says about its block (see `Block` for the fields)."""
+    """What one call says about its block.
+
+    Attributes:
+        params: `(name, shape)` of each parameter the block owns, in the
+            module's parameters: the kernel first, then the bias if any.
+        input_dim: size of the input factor `A` of one group (the input
+            features, plus 1 with a bias).
+        output_dim: size of the output factor `B` of one group.
+        num_groups: independent blocks stacked on a leading axis (a grouped
+            convolution's groups; 1 otherwise).
+        config: the kind's typed settings (a frozen dataclass), or None.
+    """
 
     params: ParamShapes
     input_dim: int
@@ -69,20 +90,40 @@ class CallShape:
 class LayerKind:
     """One layer kind; subclasses override what differs from `y = a W + b`.
 
+    A kind needs a `name`, its `layer_methods` and `describe`; the defaults
+    of everything else are those of a kernel (and bias) that multiplies the
+    input's last axis, `y = x W + b`. Register an instance with
+    `optax_ekfac.register_kind`.
+
     Attributes:
         name: the kind's name, `Block.kind`.
+        layer_methods: the `(layer class, method name)` pairs whose calls are
+            this kind's (subclasses included), flax.linen and flax.nnx
+            classes alike: the linen interceptor and the nnx capture both
+            read them.
         diagonal_input: the input factor is diagonal with the identity as
             eigenbasis (one-hot input rows).
     """
 
     name: ClassVar[str]
+    layer_methods: ClassVar[tuple[tuple[type, str], ...]] = ()
     diagonal_input: ClassVar[bool] = False
 
     # --- recognising a call ----------------------------------------------------
 
     def recognises(self, module: nn.Module | nnx.Module, method_name: str) -> bool:
-        """Whether a call of `module.method_name` is a block of this kind."""
-        raise NotImplementedError
+        """Whether a call of `module.method_name` is a block of this kind: one
+        of `layer_methods`, of a module the kind `accepts`."""
+        return any(
+            isinstance(module, cls) and method_name == name
+            for cls, name in self.layer_methods
+        ) and self.accepts(module)
+
+    def accepts(self, module: nn.Module | nnx.Module) -> bool:
+        """Whether the kind captures this module; one it does not (a masked
+        convolution) falls back to the diagonal."""
+        del module
+        return True
 
     def describe(self, call: CallSite) -> CallShape:
         """The block one call implies; raises if the capture can't use it."""
@@ -249,6 +290,37 @@ class LayerKind:
             leaves[bias_path] = _like(matrix[..., -1, :], like[bias_path])
         return leaves
 
+    # --- the optimizer state (one group) -----------------------------------------
+
+    def factor_shapes(
+        self, block: Block, max_factor_dim: int | None
+    ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The shapes of `A` and `B` of one group: dense `(d, d)`, or
+        block-diagonal `(k, b, b)` where a side is wider than `max_factor_dim`
+        (see `BlockState`); a diagonal input factor is `(input_dim,)`."""
+        output_shape = curvature.factor_shape(block.output_dim, max_factor_dim)
+        if self.diagonal_input:
+            return (block.input_dim,), output_shape
+        return curvature.factor_shape(block.input_dim, max_factor_dim), output_shape
+
+    def initial_state(
+        self, block: Block, dtype: Any, max_factor_dim: int | None
+    ) -> BlockState:
+        """Zero factors and scalings and identity eigenbases of one group (no
+        input eigenbasis for a diagonal input factor)."""
+        input_shape, output_shape = self.factor_shapes(block, max_factor_dim)
+
+        def eye(shape):
+            return jnp.broadcast_to(jnp.eye(shape[-1], dtype=dtype), shape)
+
+        return BlockState(
+            input_factor=jnp.zeros(input_shape, dtype),
+            output_factor=jnp.zeros(output_shape, dtype),
+            input_eigenbasis=None if self.diagonal_input else eye(input_shape),
+            output_eigenbasis=eye(output_shape),
+            scalings=jnp.zeros((block.input_dim, block.output_dim), dtype),
+        )
+
     # --- curvature from rows (one group) -----------------------------------------
 
     def batch_factors(
@@ -285,6 +357,19 @@ class LayerKind:
             axis_name=options.axis_name,
         )
 
+    def precondition(
+        self,
+        block: Block,
+        block_state: BlockState,
+        gradient: jax.Array,
+        damping: Any,
+        floor: Any,
+    ) -> jax.Array:
+        """The block matrix of the gradient preconditioned in the eigenbases
+        (see `curvature.precondition`)."""
+        del block
+        return curvature.precondition(block_state, gradient, damping, floor)
+
 
 class LinenNames:
     """A layer's settings under flax.linen's attribute names.
@@ -293,8 +378,10 @@ class LinenNames:
     (`out_features`; linen: `features`) and LinearGeneral's batch axes
     (`batch_axis`; linen DenseGeneral: `batch_dims`). Everything else the
     description reads (`use_bias`, `axis`, `kernel_size`, `strides`,
-    `padding`, dilations, `feature_group_count`, `mask`, `num_embeddings`)
-    has the same name and meaning in both.
+    `padding`, dilations, `feature_group_count`, `mask`, `num_embeddings`,
+    `einsum_str`) has the same name and meaning in both, except where one
+    of them lacks it (nnx.Einsum's `bias_shape` for linen's `use_bias`): a
+    kind reads those with `getattr(module, name, default)`.
     """
 
     _NNX_NAMES = {"features": "out_features", "batch_dims": "batch_axis"}

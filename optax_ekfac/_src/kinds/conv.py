@@ -26,6 +26,7 @@ from optax_ekfac._src.kinds.base import (
     CallShape,
     CallSite,
     LayerKind,
+    LinenNames,
     as_tuple,
 )
 
@@ -57,16 +58,13 @@ class Conv(LayerKind):
     """`flax.linen.Conv` and `flax.nnx.Conv` without a mask."""
 
     name = "Conv"
+    layer_methods = ((nn.Conv, "__call__"), (nnx.Conv, "__call__"))
 
-    def recognises(self, module: nn.Module | nnx.Module, method_name: str) -> bool:
-        return (
-            method_name == "__call__"
-            and isinstance(module, nn.Conv | nnx.Conv)
-            and module.mask is None
-        )
+    def accepts(self, module: nn.Module | nnx.Module) -> bool:
+        return LinenNames(module).mask is None
 
     def describe(self, call: CallSite) -> CallShape:
-        name, module, inputs, outputs = call
+        name, module, inputs, outputs, *_ = call
         self.require_example_axis(name, inputs)
         kernel_size = as_tuple(module.kernel_size)
         num_spatial = len(kernel_size)

@@ -15,12 +15,10 @@ class Dense(LayerKind):
     """`flax.linen.Dense` and `flax.nnx.Linear`."""
 
     name = "Dense"
-
-    def recognises(self, module: nn.Module | nnx.Module, method_name: str) -> bool:
-        return method_name == "__call__" and isinstance(module, nn.Dense | nnx.Linear)
+    layer_methods = ((nn.Dense, "__call__"), (nnx.Linear, "__call__"))
 
     def describe(self, call: CallSite) -> CallShape:
-        name, module, inputs, outputs = call
+        name, module, inputs, outputs, *_ = call
         self.require_example_axis(name, inputs)
         d_in, d_out = inputs.shape[-1], outputs.shape[-1]
         params: tuple[tuple[str, tuple[int, ...]], ...] = (("kernel", (d_in, d_out)),)

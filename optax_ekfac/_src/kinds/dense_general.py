@@ -27,7 +27,8 @@ from optax_ekfac._src.kinds.base import (
 )
 
 if TYPE_CHECKING:
-    from optax_ekfac._src.blocks import Block, LayerStats
+    from optax_ekfac._src.blocks import Block
+    from optax_ekfac._src.statistics import LayerStats
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,16 +48,13 @@ class DenseGeneral(LayerKind):
     """`flax.linen.DenseGeneral` and `flax.nnx.LinearGeneral`."""
 
     name = "DenseGeneral"
+    layer_methods = ((nn.DenseGeneral, "__call__"), (nnx.LinearGeneral, "__call__"))
 
-    def recognises(self, module: nn.Module | nnx.Module, method_name: str) -> bool:
-        return (
-            method_name == "__call__"
-            and isinstance(module, nn.DenseGeneral | nnx.LinearGeneral)
-            and not LinenNames(module).batch_dims
-        )
+    def accepts(self, module: nn.Module | nnx.Module) -> bool:
+        return not LinenNames(module).batch_dims
 
     def describe(self, call: CallSite) -> CallShape:
-        name, module, inputs, outputs = call
+        name, module, inputs, outputs, *_ = call
         self.require_example_axis(name, inputs)
         axes = tuple(a % inputs.ndim for a in as_tuple(module.axis))
         if 0 in axes:

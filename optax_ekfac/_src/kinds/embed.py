@@ -30,24 +30,25 @@ from optax_ekfac._src.kinds.base import (
 from optax_ekfac._src.sharding import reshape_keeping
 
 if TYPE_CHECKING:
-    from optax_ekfac._src.blocks import Block, LayerStats
+    from optax_ekfac._src.blocks import Block
     from optax_ekfac._src.options import Options
+    from optax_ekfac._src.statistics import LayerStats
 
 
 class Embed(LayerKind):
     """`flax.linen.Embed` and `flax.nnx.Embed`: lookups and `attend`."""
 
     name = "Embed"
+    layer_methods = (
+        (nn.Embed, "__call__"),
+        (nn.Embed, "attend"),
+        (nnx.Embed, "__call__"),
+        (nnx.Embed, "attend"),
+    )
     diagonal_input = True
 
-    def recognises(self, module: nn.Module | nnx.Module, method_name: str) -> bool:
-        return isinstance(module, nn.Embed | nnx.Embed) and method_name in (
-            "__call__",
-            "attend",
-        )
-
     def describe(self, call: CallSite) -> CallShape:
-        name, module, inputs, outputs = call
+        name, module, inputs, outputs, *_ = call
         if inputs.shape[-1:] == (module.features,) and outputs.shape[-1:] == (
             module.num_embeddings,
         ):  # attend: queries in, logits over the vocabulary out
