@@ -11,7 +11,8 @@
   `'btd,hd->bht'`, a Dense whose kernel and output are transposed) gives the
   Dense's update: linen in float64 (two steps, to round-off), nnx in float32
   (the path users run; to float32 round-off of the eigendecompositions).
-* Einsums that are not projections are refused, naming the layer.
+* Einsums that are not projections fall back to the diagonal when the module
+  holds the equation, and are refused, naming the layer, when the call gives it.
 """
 
 import chex
@@ -337,19 +338,47 @@ def _norm(tree):
         ((WIDTH, 3), "btd,dh->tbh", "is not the output's first axis"),
     ],
 )
-def test_einsums_that_are_not_projections_are_refused_naming_the_layer(
+def test_einsums_that_are_not_projections_fall_back_or_are_refused(
     shape, equation, reason
 ):
-    model = nn.Einsum(shape, equation, name="mixer")
+    """Held by the module: the diagonal fallback (as before the Einsum kind);
+    given at the call: refused, naming the layer and why."""
     x = jnp.ones((NUM_EXAMPLES, HEADS if equation[1] == "n" else 5, WIDTH))
-    params = model.init(jax.random.key(0), x)["params"]
+
+    class Held(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Einsum(shape, equation, name="mixer")(nn.Dense(WIDTH)(x))
+
+    held = Held()
+    params = held.init(jax.random.key(0), x)["params"]
 
     def loss_fn(params, x):
-        outputs = model.apply({"params": params}, x)
+        outputs = held.apply({"params": params}, x)
+        if equation.endswith("->tbh"):
+            outputs = jnp.swapaxes(outputs, 0, 1)
         return jnp.sum(outputs.reshape(outputs.shape[0], -1) ** 2, -1)
 
-    with pytest.raises(ValueError, match=f"Einsum, '{equation}'.*{reason}"):
-        oek.Curvature(loss_fn).layers(params, x)
+    layers = oek.Curvature(loss_fn).layers(params, x)
+    assert [block.kind for block in layers.blocks] == ["Dense"]
+    assert ("mixer", "kernel") in layers.fallback
+
+    class AtTheCall(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Einsum(shape, name="mixer")(x, einsum_str=equation)
+
+    at_the_call = AtTheCall()
+    params = at_the_call.init(jax.random.key(0), x)["params"]
+
+    def call_loss_fn(params, x):
+        outputs = at_the_call.apply({"params": params}, x)
+        if equation.endswith("->tbh"):
+            outputs = jnp.swapaxes(outputs, 0, 1)
+        return jnp.sum(outputs.reshape(outputs.shape[0], -1) ** 2, -1)
+
+    with pytest.raises(ValueError, match=f"mixer.*Einsum, '{equation}'.*{reason}"):
+        oek.Curvature(call_loss_fn).layers(params, x)
 
 
 def test_einsum_equation_given_at_call_time():

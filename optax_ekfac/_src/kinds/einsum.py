@@ -11,7 +11,9 @@ bias); output rows are the kernel's output axes in the output's order,
 flattened; the bias, if any, holds those axes. Einsums that are not
 projections (a kernel axis the input and output share, as in a per-head
 `'bhd,hdk->bhk'`; an input or kernel axis summed away; the example axis
-contracted or moved) are refused, naming the layer.
+contracted or moved) fall back to the diagonal preconditioner when the module
+holds the equation (as every `Einsum` did before this kind), and are refused,
+naming the layer, when the equation comes with the call.
 """
 
 from __future__ import annotations
@@ -65,6 +67,21 @@ class Einsum(LayerKind):
     name = "Einsum"
     layer_methods = ((nn.Einsum, "__call__"), (nnx.Einsum, "__call__"))
 
+    def accepts(self, module: nn.Module | nnx.Module) -> bool:
+        """An einsum set on the module that is not a projection (a per-head
+        `'bhd,hdk->bhk'`) falls back to the diagonal; one given at the call
+        is checked, and refused, by `describe`."""
+        equation = str(getattr(module, "einsum_str", None) or "").replace(" ", "")
+        if not equation or equation.count("->") != 1:
+            return True
+        # The ellipsis's axes are the same in the input and the output: one
+        # letter of their own stands for them in the checks.
+        operands, output_letters = equation.replace("...", "0").split("->")
+        if operands.count(",") != 1:
+            return True
+        input_letters, kernel_letters = operands.split(",")
+        return not _not_a_projection(input_letters, kernel_letters, output_letters)
+
     def describe(self, call: CallSite) -> CallShape:
         name, module, inputs, outputs = (
             call.name,
@@ -94,35 +111,10 @@ class Einsum(LayerKind):
 
         if len(output_letters) != outputs.ndim:
             raise refuse(f"its output has {outputs.ndim} axes")
-        for operand in (input_letters, kernel_letters, output_letters):
-            repeated = sorted({c for c in operand if operand.count(c) > 1})
-            if repeated:
-                raise refuse(f"axis {repeated[0]!r} repeats within an operand")
-        example = input_letters[0]
-        if example in kernel_letters:
-            raise refuse(
-                f"it contracts the input's axis 0 ({example!r}), which the "
-                "capture takes as the example axis"
-            )
-        if output_letters[:1] != example:
-            raise refuse(f"the example axis {example!r} is not the output's first axis")
-        for letter in input_letters + kernel_letters:
-            if letter not in output_letters and not (
-                letter in input_letters and letter in kernel_letters
-            ):
-                raise refuse(f"it sums axis {letter!r} away")
-        batched = [
-            c for c in kernel_letters if c in input_letters and c in output_letters
-        ]
-        if batched:
-            raise refuse(
-                f"axis {batched[0]!r} of the kernel is also an axis of the input "
-                "and of the output (a batched product: one kernel slice per "
-                "index, not one block)"
-            )
+        reason = _not_a_projection(input_letters, kernel_letters, output_letters)
+        if reason:
+            raise refuse(reason)
         contracted = [c for c in kernel_letters if c in input_letters]
-        if not contracted:
-            raise refuse("it contracts no axis of the input")
         features = [c for c in output_letters if c in kernel_letters]
         positions = [c for c in input_letters[1:] if c not in kernel_letters]
 
@@ -213,6 +205,40 @@ class Einsum(LayerKind):
             leaves[kernel_path], tuple(int(a) for a in np.argsort(axes))
         )
         return leaves
+
+
+def _not_a_projection(
+    input_letters: str, kernel_letters: str, output_letters: str
+) -> str | None:
+    """Why an einsum is not a projection the capture can precondition, or
+    None where it is one."""
+    for operand in (input_letters, kernel_letters, output_letters):
+        repeated = sorted({c for c in operand if operand.count(c) > 1})
+        if repeated:
+            return f"axis {repeated[0]!r} repeats within an operand"
+    example = input_letters[:1]
+    if example in kernel_letters:
+        return (
+            f"it contracts the input's axis 0 ({example!r}), which the capture "
+            "takes as the example axis"
+        )
+    if output_letters[:1] != example:
+        return f"the example axis {example!r} is not the output's first axis"
+    for letter in input_letters + kernel_letters:
+        if letter not in output_letters and not (
+            letter in input_letters and letter in kernel_letters
+        ):
+            return f"it sums axis {letter!r} away"
+    batched = [c for c in kernel_letters if c in input_letters and c in output_letters]
+    if batched:
+        return (
+            f"axis {batched[0]!r} of the kernel is also an axis of the input and "
+            "of the output (a batched product: one kernel slice per index, not "
+            "one block)"
+        )
+    if not any(c in input_letters for c in kernel_letters):
+        return "it contracts no axis of the input"
+    return None
 
 
 def _operands(name: str, equation: str, input_ndim: int) -> tuple[str, str, str]:
