@@ -9,6 +9,8 @@ Pinned here:
   steps and drove the damping to its maximum), and keeps its dtypes: the
   parameters, updates and velocity bfloat16, the step control's scalars
   float32; a float16 model trains too;
+* `LossModel.loss_at` and `curvature_products` of a bfloat16 model in
+  float32 (against numpy in float64 from the same bfloat16 logits);
 * the round-off rule: a predicted decrease the loss's own dtype can't show
   (below `100 eps |L|`, bfloat16's or float16's `eps`) is not judged (`ρ`
   stays NaN, the damping falls by `ω`, the step is taken), while the same
@@ -192,3 +194,47 @@ def test_the_same_change_of_a_float32_loss_is_judged():
     relative_change = float(-state.model_change / loss)
     assert 100 * float(jnp.finfo(jnp.float32).eps) < relative_change < 0.05
     assert np.isfinite(state.reduction_ratio)
+
+
+# ----------------------------------------------------------------------------
+# The loss model of a bfloat16 model: its losses and products in float32.
+# ----------------------------------------------------------------------------
+
+
+def test_loss_model_of_a_bfloat16_model_computes_in_float32():
+    """`loss_at` and `curvature_products` take the bfloat16 logits promoted:
+    against numpy in float64, from the same bfloat16 logits and tangents."""
+    dtype = jnp.bfloat16
+    model = MLP(dtype)
+    x, y = load_digits(return_X_y=True)
+    x, y = jnp.asarray(x[:32] / 16, jnp.float32), jnp.asarray(y[:32])
+    params = model.init(jax.random.key(0), x[:1])["params"]
+
+    def logits_at(params):
+        return model.apply({"params": params}, x.astype(dtype))
+
+    def loss_fn(params, x, y):
+        return oek.softmax_cross_entropy(logits_at(params), y)
+
+    _, _, stats = oek.Curvature(loss_fn).value_grad_and_stats(params, x, y)
+    loss_model = stats.loss_model
+    vector = jax.tree.map(
+        lambda leaf: jax.random.normal(jax.random.key(3), leaf.shape, dtype), params
+    )
+    logits, tangent = jax.jvp(logits_at, (params,), (vector,))
+    logits, tangent = (np.asarray(a, np.float64) for a in (logits, tangent))
+    log_p = logits - logits.max(-1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
+    p = np.exp(log_p)
+    expected_loss = -log_p[np.arange(32), np.asarray(y)].mean()
+    # Softmax cross-entropy's Hessian in the logits: diag(p) - p pᵀ.
+    expected_product = np.mean((p * tangent**2).sum(-1) - (p * tangent).sum(-1) ** 2)
+
+    loss = jax.jit(loss_model.loss_at)(params)
+    product = jax.jit(lambda v: loss_model.curvature_products([v]))(vector)
+    assert loss.dtype == jnp.float32 and product.dtype == jnp.float32
+    np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
+    # The tangents are bfloat16, rounded a little differently by the library's
+    # `jax.linearize` than by the `jax.jvp` here (1e-4 apart); products summed
+    # in bfloat16 are 3e-3 off, as is the loss rounded to bfloat16.
+    np.testing.assert_allclose(product[0, 0], expected_product, rtol=1e-3)
