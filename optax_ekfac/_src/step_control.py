@@ -35,14 +35,22 @@ needed (see the step-control note):
   step fits that example.
 
 A step whose predicted decrease the loss cannot show (below `100 eps |L|`,
-or a loss of exactly 0: a batch already fitted) is taken without either
-test, its `ρ` would be round-off; the damping falls by `ω`, since a damping
-much larger than the curvature makes every step that small. With a fixed
-momentum, a step the model predicts uphill takes `β = 0` instead.
+`eps` that of the dtype the loss was computed in, bfloat16's for a bfloat16
+model; or a loss of exactly 0: a batch already fitted) is taken without
+either test, its `ρ` would be round-off; the damping falls by `ω`, since a
+damping much larger than the curvature makes every step that small. With a
+fixed momentum, a step the model predicts uphill takes `β = 0` instead.
+
+Whatever the parameters' dtype, the model, its curvature products and inner
+products, `(α, β)`, the losses `ρ` compares and the damping are float32 at
+least (the loss helpers take a bfloat16 model's predictions promoted, see
+`LossModel.loss_at`); the update and the velocity are in the parameters'
+dtypes.
 
 The step costs the preconditioner, one linearization of the model's outputs
 with two tangents, two products with the loss's Hessian at the outputs and,
-on adaptation steps, two forward passes (at `θ + u` and `θ - δ`).
+on adaptation steps, two forward passes (at `θ + u` and `θ - δ`); a loss
+narrower than float32 one more forward pass (at `θ`, in float32).
 """
 
 from collections.abc import Callable
@@ -67,14 +75,12 @@ _MIN_ACCEPTED_RATIO = 0.1
 # A step that raised the batch's loss (ρ ≤ 0, rejected), or a second rejected
 # step in a row, multiplies the damping by this rather than by 1/ω: its model
 # was far off, and a batch that keeps producing such steps has to get one
-# accepted before the other batches have lowered the damping again. Measured
-# on the MLP benchmark: an outlier example whose loss sat on softmax's flat
-# tail (a loss of 20-90, a Gauss-Newton curvature of ~0) drew steps with
-# ρ ≈ -10³ from every batch holding it while the others lowered λ by ω; with
-# 1/ω one seed in three stalled at a train loss of 0.06-0.1, with 3 it reached
-# the target in 160 steps, with 10 in 130. A single step that lowered the loss
-# by too little (0 < ρ ≤ 0.1) keeps 1/ω: tenfold there cost the CNN benchmark
-# 10-20 steps after one such first step.
+# accepted before the other batches have lowered the damping again (on the MLP
+# benchmark, an outlier example on softmax's flat tail, a large loss and a
+# Gauss-Newton curvature of about zero, drew such steps from every batch
+# holding it while the others lowered λ by ω, and 1/ω let training stall). A
+# single step that lowered the loss by too little (0 < ρ ≤ 0.1) keeps 1/ω:
+# tenfold there slowed the CNN benchmark after one such first step.
 _REJECTION_DAMPING_GROWTH = 10.0
 # Two forward passes (the statistics' and the ratio's) round the same loss
 # differently by a few eps · |L|: a predicted change below this many eps · |L|
@@ -178,6 +184,9 @@ def adaptive(
         descent = optax.tree.scale(-1, directions)
         vectors = (descent, state.velocity)
         curvature = model.curvature_products(vectors)
+        # The batch's loss in float32 at least (`_judged_loss`), and the
+        # precision it was computed in (the round-off rule's).
+        loss, loss_eps = _judged_loss(model)
         products = _gram_matrix((updates, *vectors))
         inner_products, gradient_products = products[1:, 1:], products[0, 1:]
         coefficients = _coefficients(
@@ -185,9 +194,7 @@ def adaptive(
             gradient_products,
             adaptation,
         )
-        coefficients = _within_loss(
-            coefficients, curvature, gradient_products, model.loss
-        )
+        coefficients = _within_loss(coefficients, curvature, gradient_products, loss)
         # In the parameters' dtypes (the velocity's): the coefficients, in the
         # curvature state's float32 at least, would promote a bfloat16 update
         # (or a float32 one under float64 inputs), and the next step's
@@ -204,14 +211,12 @@ def adaptive(
         # A non-finite batch loss (a NaN term whose gradients are finite)
         # would turn off the cap and the trust-region test: skipped too.
         finite = (
-            jnp.logical_not(skipped)
-            & jnp.isfinite(model_change)
-            & jnp.isfinite(model.loss)
+            jnp.logical_not(skipped) & jnp.isfinite(model_change) & jnp.isfinite(loss)
         )
         count = state.preconditioner.count
         adapting = finite & (count % adaptation.damping_adaptation_interval == 0)
-        due = adapting & _resolvable(model_change, model.loss)
-        ratio, fresh_change = _ratios(model, step, state, model_change, due)
+        due = adapting & _resolvable(model_change, loss, loss_eps)
+        ratio, fresh_change = _ratios(model, loss, step, state, model_change, due)
         # The trust-region test: a step whose batch loss fell by a tenth of the
         # predicted decrease or less (or rose, or is NaN) is not taken.
         rejected = due & jnp.logical_not(ratio > _MIN_ACCEPTED_RATIO)
@@ -276,19 +281,28 @@ def _checked_loss_model(stats: Any) -> LossModel:
 
 
 def _inner_products(left: tuple, right: tuple) -> jax.Array:
-    """`[len(left), len(right)]` matrix of `<l_i, r_j>` over all leaves."""
+    """`[len(left), len(right)]` matrix of `<l_i, r_j>` over all leaves, in
+    float32 at least (bfloat16 leaves' products are not rounded to it)."""
+    left, right = _widened(left), _widened(right)
     return jnp.stack([jnp.stack([optax.tree.vdot(a, b) for b in right]) for a in left])
+
+
+def _widened(tree: Any) -> Any:
+    """`tree`'s leaves promoted to float32 at least."""
+    return jax.tree.map(
+        lambda leaf: leaf.astype(jnp.promote_types(leaf.dtype, jnp.float32)), tree
+    )
 
 
 def _gram_matrix(vectors: tuple) -> jax.Array:
     """`[k, k]` matrix of `<v_i, v_j>` over all leaves of `k` trees.
 
     On one device: one matmul of the trees flattened into the rows of a
-    `[k, P]` matrix (float32 at least, `Precision.HIGHEST`), returned in the
-    dtype `optax.tree.vdot` gives. A `vdot` per leaf and pair compiles a
-    reduction kernel each, a fifth of the step control's kernels on an MLP.
-    Under a mesh (`jax.set_mesh`): the `vdot`s, which JAX shards as the
-    leaves are.
+    `[k, P]` matrix (float32 at least, `Precision.HIGHEST`); a `vdot` per
+    leaf and pair would compile a reduction kernel each. Under a mesh
+    (`jax.set_mesh`): the `vdot`s, which JAX shards as the leaves are. In
+    float32 at least either way: bfloat16 leaves' products are not rounded
+    to bfloat16.
     """
     leaves = [jax.tree.leaves(vector) for vector in vectors]
     if not (jax.sharding.get_abstract_mesh().empty and leaves[0]):
@@ -301,8 +315,7 @@ def _gram_matrix(vectors: tuple) -> jax.Array:
             for tree in leaves
         ]
     )
-    gram = jnp.matmul(rows, rows.T, precision=jax.lax.Precision.HIGHEST)
-    return gram.astype(dtype)
+    return jnp.matmul(rows, rows.T, precision=jax.lax.Precision.HIGHEST)
 
 
 def _coefficients(
@@ -384,22 +397,45 @@ def _within_loss(
     return jnp.where(exceeds, scale * coefficients, coefficients)
 
 
-def _resolvable(model_change: jax.Array, loss: jax.Array) -> jax.Array:
+def _judged_loss(model: LossModel) -> tuple[jax.Array, jax.Array]:
+    """The batch's loss `L` the step control works with, in float32 at least,
+    and the machine epsilon of the dtype `loss_fn` computed it in.
+
+    A loss narrower than float32 (a bfloat16 or float16 model's) is computed
+    again by `LossModel.loss_at`, as the reduction ratio's losses at other
+    parameters are: its predictions promoted, so that `L`, the cap
+    `_within_loss` puts on the model's predicted decrease and the ratio are
+    not rounded to bfloat16 (whose batch loss is exactly 0 once most
+    examples are fitted). The epsilon stays the narrow dtype's: the model's
+    predictions, in that dtype, still can't show a change of the loss much
+    below its resolution (`_resolvable`).
+    """
+    loss = model.loss
+    eps = jnp.asarray(jnp.finfo(loss.dtype).eps, jnp.float32)
+    if jnp.promote_types(loss.dtype, jnp.float32) == loss.dtype:
+        return loss, eps
+    return model.loss_at(model.params), eps
+
+
+def _resolvable(model_change: jax.Array, loss: jax.Array, eps: jax.Array) -> jax.Array:
     """Whether the batch's loss can show the predicted change: a decrease
-    above the loss's float round-off, `_RESOLUTION · eps · |L|`, and a loss
-    that is not exactly zero.
+    above the loss's float round-off, `_RESOLUTION · eps · |L|` with `eps`
+    that of the dtype the loss was computed in, and a loss that is not
+    exactly zero.
 
     Below that, `ρ` is round-off over round-off. A batch the model already
     fits (a float32 cross-entropy of exactly 0, its gradient 1e-13) predicts
     a change of about 1e-23, sees none, and its `ρ = 0` would reject the step and
     grow the damping tenfold; such a step is tiny, so it is taken unjudged.
+    A bfloat16 model's loss (eps 2⁻⁷) resolves far less than a float32
+    one's: judged against float32's eps, its round-off rejected steps and
+    grew the damping to its maximum.
     """
-    eps = jnp.finfo(model_change.dtype).eps
     loss = jnp.abs(loss).astype(model_change.dtype)
     return (-model_change > _RESOLUTION * eps * loss) & (loss != 0)
 
 
-def _ratios(model, step, state, model_change, due) -> tuple[jax.Array, jax.Array]:
+def _ratios(model, loss, step, state, model_change, due) -> tuple[jax.Array, jax.Array]:
     """Where `due` (a forward pass at `θ + u` and one at `θ - δ`):
 
     * `ρ = (L(θ + u) - L(θ)) / model_change`, `-inf` for a NaN loss at `θ + u`;
@@ -413,15 +449,14 @@ def _ratios(model, step, state, model_change, due) -> tuple[jax.Array, jax.Array
 
     def ratios():
         # Two forward passes, not one vmapped over the two parameter sets:
-        # XLA's CPU backend runs the batched matmuls of the vmap slower (on the
-        # transformer benchmark 16 against 11 ms).
+        # XLA's CPU backend runs the batched matmuls of the vmap slower.
         new_loss = model.loss_at(optax.apply_updates(model.params, step))
         previous_loss = model.loss_at(
             optax.apply_updates(model.params, optax.tree.scale(-1, state.velocity))
         )
-        ratio = (new_loss - model.loss) / model_change
+        ratio = (new_loss - loss) / model_change
         ratio = jnp.where(jnp.isnan(ratio), -jnp.inf, ratio)
-        fresh_change = (model.loss - previous_loss) / jnp.abs(previous_loss)
+        fresh_change = (loss - previous_loss) / jnp.abs(previous_loss)
         fresh_change = jnp.where(had_previous_step, fresh_change, 0)
         return ratio.astype(dtype), fresh_change.astype(dtype)
 
@@ -445,7 +480,7 @@ def _levenberg_marquardt(
     better = (ratio > _UPPER_RATIO) & jnp.logical_not(overfitted)
     # A step that raised the loss (or made it NaN): its model was far off,
     # unlike one that lowered it by too little. A second rejection in a row:
-    # growing by 1/ω per step left a batch-of-one CNN 25 steps at a loss far
+    # growing by 1/ω per step left a batch-of-one CNN for many steps at a loss far
     # above its initial one.
     raised = jnp.logical_not(ratio > 0)
     rejected_again = jnp.logical_not(ratio > _MIN_ACCEPTED_RATIO) & rejected_before
