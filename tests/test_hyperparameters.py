@@ -87,6 +87,16 @@ def test_ekfac_with_a_learning_rate_warns_and_forwards_to_ekfac_sgd(problem):
         oek.ekfac_sgd(layers, 0.1)
 
 
+def test_the_deprecated_learning_rate_works_under_inject_hyperparams(problem):
+    params = problem["params"]
+    with pytest.warns(DeprecationWarning, match="ekfac_sgd"):
+        tx = optax.inject_hyperparams(oek.ekfac)(problem["layers"], learning_rate=0.1)
+        state = tx.init(params)
+    with pytest.warns(DeprecationWarning, match="ekfac_sgd"):
+        _, state, updates, _ = _runner(problem, tx)(params, state, *_batch(1))
+    chex.assert_tree_all_finite(updates)
+
+
 @pytest.mark.parametrize(
     "name, value",
     [
