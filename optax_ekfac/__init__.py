@@ -25,7 +25,7 @@ from optax_ekfac._src.state import BlockState, ScaleByEkfacState
 from optax_ekfac._src.statistics import LayerStats, Statistics
 from optax_ekfac._src.step_control import EkfacState
 from optax_ekfac._src.train_state import TrainState, with_stats
-from optax_ekfac._src.transform import ekfac, scale_by_ekfac
+from optax_ekfac._src.transform import ekfac, ekfac_sgd, scale_by_ekfac
 
 __version__ = "0.1.0"
 
@@ -48,6 +48,7 @@ __all__ = [
     "curvature_terms",
     "ekfac",
     "ekfac_block",
+    "ekfac_sgd",
     "fisher_block",
     "frobenius_distances",
     "gradient_variance",

@@ -269,7 +269,7 @@ def test_updates_keep_the_gradients_dtype(dtype):
     curvature = oek.Curvature(
         lambda p, x, y: oek.softmax_cross_entropy(model.apply({"params": p}, x), y)
     )
-    tx = oek.ekfac(curvature.layers(params, x, y), learning_rate=0.1)
+    tx = oek.ekfac_sgd(curvature.layers(params, x, y), learning_rate=0.1)
     _, grads, stats = curvature.value_grad_and_stats(params, x, y)
     updates, state = tx.update(grads, tx.init(params), params, stats=stats)
     chex.assert_trees_all_equal_dtypes(updates, params)
@@ -280,9 +280,9 @@ def test_updates_keep_the_gradients_dtype(dtype):
     )
 
 
-def test_ekfac_alias_is_scale_by_ekfac_then_sgd(setup):
+def test_ekfac_sgd_unbounded_is_scale_by_ekfac_then_sgd(setup):
     settings = dict(damping=1e-2, eigen_update_every=5)
-    alias = oek.ekfac(setup["layers"], learning_rate=0.3, **settings)
+    alias = oek.ekfac_sgd(setup["layers"], 0.3, norm_constraint=None, **settings)
     chained = optax.chain(
         oek.scale_by_ekfac(setup["layers"], **settings), optax.sgd(0.3)
     )
@@ -291,6 +291,27 @@ def test_ekfac_alias_is_scale_by_ekfac_then_sgd(setup):
     chex.assert_trees_all_close(
         _update(setup, alias)[0], jax.tree.map(lambda d: -0.3 * d, direction)
     )
+
+
+def test_ekfac_sgd_bounds_the_steps_curvature_norm(setup):
+    """`d · min(1, √(c / (η² gᵀd)))`: the step `η d` scaled down (all leaves
+    by one factor) until `η² gᵀd = c`, or left as it is below that."""
+    rate, settings = 0.3, dict(damping=1e-2, eigen_update_every=5)
+    direction, _ = _update(setup, oek.scale_by_ekfac(setup["layers"], **settings))
+    _, grads, _ = setup["value_grad_and_stats"](setup["params"], *setup["batch"])
+    squared_norm = rate**2 * float(optax.tree.vdot(grads, direction))
+    # One constraint that bounds this step, one that does not.
+    assert 1e-3 < squared_norm < 1.0
+    for norm_constraint in (1e-3, 1.0):
+        tx = oek.ekfac_sgd(
+            setup["layers"], rate, norm_constraint=norm_constraint, **settings
+        )
+        coefficient = min(1.0, np.sqrt(norm_constraint / squared_norm))
+        chex.assert_trees_all_close(
+            _update(setup, tx)[0],
+            jax.tree.map(lambda d, c=coefficient: -rate * c * d, direction),
+            rtol=1e-10,
+        )
 
 
 def test_missing_or_foreign_stats_are_refused(setup):
@@ -349,12 +370,13 @@ def test_decay_is_per_update_when_statistics_are_amortized(setup):
         )
 
 
-def test_ekfac_under_inject_hyperparams(setup):
-    """`optax.inject_hyperparams(oek.ekfac)` works as for `optax.adamw`: the
+def test_ekfac_sgd_under_inject_hyperparams(setup):
+    """`optax.inject_hyperparams(oek.ekfac_sgd)` works as for `optax.adamw`: the
     injected learning rate and damping are in the state, and changing them
     changes the update."""
-    tx = optax.inject_hyperparams(oek.ekfac)(
-        setup["layers"], learning_rate=0.1, damping=1e-3
+    # No norm constraint, so that the update is proportional to the rate.
+    tx = optax.inject_hyperparams(oek.ekfac_sgd)(
+        setup["layers"], learning_rate=0.1, damping=1e-3, norm_constraint=None
     )
     params = setup["params"]
     state = tx.init(params)

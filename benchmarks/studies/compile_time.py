@@ -9,7 +9,7 @@ benchmark autoencoder (64-256-128-32-128-256-64 tanh, squared error), batch
   alone (the data's labels / sampled labels);
 * `scale_by_ekfac`: the empirical capture, `scale_by_ekfac` and `optax.sgd`;
 * `ekfac, fixed rate`: the sampled labels' capture and
-  `ekfac(layers, learning_rate=...)`;
+  `ekfac_sgd(layers, learning_rate=...)`;
 * `ekfac, adaptive`: the sampled labels' capture and `ekfac(layers)`, the
   README's training loop;
 
@@ -161,7 +161,7 @@ def _steps(loss_fn: Callable, params: Any, batch: tuple) -> dict[str, tuple]:
             optax.chain(oek.scale_by_ekfac(layers, damping=1e-3), optax.sgd(1e-2)),
         ),
         "ekfac, fixed rate": optimizer_step(
-            sampled, oek.ekfac(layers, learning_rate=1e-2, momentum=0.9)
+            sampled, oek.ekfac_sgd(layers, learning_rate=1e-2, momentum=0.9)
         ),
         "ekfac, adaptive": optimizer_step(sampled, oek.ekfac(layers)),
     }

@@ -9,7 +9,7 @@ layer by layer:
 * `scan`: `nn.scan` over one block, parameters stacked on a leading axis;
 * `scan+remat`: `nn.scan(nn.remat(Block))`, as production code saves memory.
 
-For EKFAC (`ekfac(layers, learning_rate=...)`, statistics every step, the
+For EKFAC (`ekfac_sgd(layers, learning_rate=...)`, statistics every step, the
 eigendecompositions every 10) and Adam on each layout it reports:
 
 * compile time: tracing and lowering plus XLA compilation of the jitted train
@@ -107,7 +107,9 @@ def _train_step(model: nn.Module, params: Any, tokens, targets, optimizer: str):
         return step, tx.init(params)
     curvature = oek.Curvature(loss_fn)
     layers = curvature.layers(params, tokens, targets)
-    tx = oek.ekfac(layers, learning_rate=1e-2, eigen_update_every=EIGEN_UPDATE_EVERY)
+    tx = oek.ekfac_sgd(
+        layers, learning_rate=1e-2, eigen_update_every=EIGEN_UPDATE_EVERY
+    )
 
     def step(params, opt_state, tokens, targets):
         loss, grads, stats = curvature.value_grad_and_stats(params, tokens, targets)

@@ -93,7 +93,7 @@ class Curvature:
         >>> [block.name for block in layers.blocks]   # paths in nnx.state(model)
         ['layers/0', 'layers/2']
         >>> optimizer = nnx.Optimizer(
-        ...     model, optax_ekfac.ekfac(layers, learning_rate=0.1), wrt=nnx.Param)
+        ...     model, optax_ekfac.ekfac_sgd(layers, learning_rate=0.1), wrt=nnx.Param)
         >>> loss, grads, stats = curvature.value_grad_and_stats(model, x, y)
         >>> _ = optimizer.update(model, grads, stats=stats)  # updates the model
     """

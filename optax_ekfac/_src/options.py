@@ -1,5 +1,12 @@
-"""The settings of `scale_by_ekfac` and of the adaptive `ekfac`, with their
-defaults, in one place."""
+"""The settings of `scale_by_ekfac`, `ekfac` and `ekfac_sgd`, with their
+defaults, in one place.
+
+The public functions spell every setting out as a keyword argument (for
+users, docs and `optax.inject_hyperparams`, which reads signatures); their
+defaults are read from here, their bodies collect them with
+`preconditioner_options`, and tests/test_signatures.py checks that the
+signatures and these fields agree.
+"""
 
 import dataclasses
 from typing import Any, Literal
@@ -62,12 +69,23 @@ class Options:
 
 
 DEFAULTS = Options()
+PRECONDITIONER_OPTIONS = tuple(field.name for field in dataclasses.fields(Options))
+
+
+def preconditioner_options(arguments: dict[str, Any]) -> dict[str, Any]:
+    """The `scale_by_ekfac` settings among a function's `arguments` (its
+    `locals()`), by name: every `Options` field but `damping`, which each
+    optimizer sets its own way."""
+    return {
+        name: arguments[name] for name in PRECONDITIONER_OPTIONS if name != "damping"
+    }
 
 
 @dataclasses.dataclass(frozen=True)
 class Adaptation:
     """The adaptive `ekfac`'s step-control settings (documented there); None
-    for `momentum` or `damping` adapts it."""
+    for `momentum` or `damping` adapts it. `weight_decay` and `mask` are
+    `ekfac_sgd`'s too."""
 
     momentum: float | None = None
     damping: float | jax.Array | None = None
@@ -77,6 +95,24 @@ class Adaptation:
     damping_decay: float = 0.9
     damping_adaptation_interval: int = 1
     max_momentum: float = 0.99
+    weight_decay: float = 0.0
+    mask: Any = None
 
 
 ADAPTATION = Adaptation()
+
+
+@dataclasses.dataclass(frozen=True)
+class FixedRate:
+    """`ekfac_sgd`'s settings besides the learning rate and the
+    preconditioner's (documented there)."""
+
+    momentum: float | None = None
+    nesterov: bool = False
+    damping: float | jax.Array = 1e-3
+    weight_decay: float = 0.0
+    mask: Any = None
+    norm_constraint: float | None = 1e-4
+
+
+FIXED_RATE = FixedRate()

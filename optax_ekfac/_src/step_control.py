@@ -65,6 +65,7 @@ from optax_ekfac._src.loss_model import LossModel
 from optax_ekfac._src.options import Adaptation
 from optax_ekfac._src.state import ScaleByEkfacState
 from optax_ekfac._src.statistics import Statistics
+from optax_ekfac._src.weight_decay import decay_terms
 
 _LOWER_RATIO, _UPPER_RATIO = 0.25, 0.75
 # A step is taken only if the batch's loss fell by at least this fraction of
@@ -174,8 +175,18 @@ def adaptive(
         stats: Statistics | None = None,
         **extra_args: Any,
     ) -> tuple[optax.Updates, EkfacState]:
-        del params, extra_args
-        directions, preconditioner = make_preconditioner(state.damping).update(
+        del extra_args
+        decay = decay_terms(
+            params, adaptation.weight_decay, adaptation.mask, validation.EKFAC
+        )
+        # A fixed damping is read from the settings at every update, so that
+        # one changed under `optax.inject_hyperparams` takes effect.
+        current_damping = (
+            jnp.asarray(adaptation.damping, state.damping.dtype)
+            if fixed_damping
+            else state.damping
+        )
+        directions, preconditioner = make_preconditioner(current_damping).update(
             updates, state.preconditioner, None, stats=stats
         )
         # Under optax.multi_transform / optax.masked: the parameters it moves.
@@ -190,7 +201,7 @@ def adaptive(
         products = _gram_matrix((updates, *vectors))
         inner_products, gradient_products = products[1:, 1:], products[0, 1:]
         coefficients = _coefficients(
-            curvature + state.damping * inner_products,
+            curvature + current_damping * inner_products,
             gradient_products,
             adaptation,
         )
@@ -220,7 +231,7 @@ def adaptive(
         # The trust-region test: a step whose batch loss fell by a tenth of the
         # predicted decrease or less (or rose, or is NaN) is not taken.
         rejected = due & jnp.logical_not(ratio > _MIN_ACCEPTED_RATIO)
-        damping = state.damping
+        damping = current_damping
         if not fixed_damping:
             overfitted = jnp.logical_not(fresh_change <= _FRESH_BATCH_TOLERANCE)
             # The previous update was rejected (its model change is zeroed).
@@ -256,7 +267,17 @@ def adaptive(
         )
         new_state = optax.tree.where(finite, new_state, kept)
         step = optax.tree.where(finite, step, optax.tree.zeros_like(step))
-        return step, new_state
+        if decay is None:
+            return step, new_state
+        # Decoupled weight decay at the step's own rate: `α` multiplies the
+        # EKFAC direction as a learning rate multiplies Adam's, so the update
+        # is `u - α weight_decay θ`, as AdamW's `-η (m̂ / √v̂ + weight_decay θ)`.
+        # None on a step not taken; never a negative rate, which would grow
+        # the weights. Outside the quadratic model and the velocity.
+        taken = finite & jnp.logical_not(rejected)
+        rate = jnp.where(taken, jnp.maximum(coefficients[0], 0), 0)
+        update = optax.tree.add(step, optax.tree.scale(-rate, decay))
+        return optax.tree.cast_like(update, step), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -275,7 +296,7 @@ def _checked_loss_model(stats: Any) -> LossModel:
             "the adaptive step (no learning_rate) needs the statistics' "
             "loss_model, which Curvature.value_grad_and_stats provides; these "
             "statistics have none. Pass the statistics of value_grad_and_stats, "
-            "or give ekfac a learning_rate.",
+            "or use ekfac_sgd (a fixed learning rate).",
         )
     return stats.loss_model
 

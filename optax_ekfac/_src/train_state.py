@@ -34,7 +34,7 @@ def with_stats(
         A transformation with `tx`'s `init` and state.
 
     Example:
-        >>> tx = optax_ekfac.ekfac(layers, learning_rate=0.1)
+        >>> tx = optax_ekfac.ekfac_sgd(layers, learning_rate=0.1)
         >>> slow_and_fast = optax.LookaheadParams.init_synced(params)
         >>> lookahead = optax.lookahead(tx, sync_period=5, slow_step_size=0.5)
         >>> opt_state = lookahead.init(slow_and_fast)
@@ -59,7 +59,7 @@ class TrainState(train_state.TrainState):
     Example:
         >>> state = optax_ekfac.TrainState.create(
         ...     apply_fn=model.apply, params=params,
-        ...     tx=optax_ekfac.ekfac(layers, learning_rate=0.1))
+        ...     tx=optax_ekfac.ekfac_sgd(layers, learning_rate=0.1))
         >>> loss, grads, stats = curvature.value_grad_and_stats(state.params, x, y)
         >>> state = state.apply_gradients(grads=grads, stats=stats)
         >>> int(state.step)

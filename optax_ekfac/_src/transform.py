@@ -1,4 +1,4 @@
-"""`scale_by_ekfac` and `ekfac`: the EKFAC preconditioner as optax transforms.
+"""`scale_by_ekfac`, `ekfac` and `ekfac_sgd`: EKFAC as optax transforms.
 
 An update checks its inputs, refreshes the statistics (and, when due, the
 eigenbases) of every block (`refresh.py`), preconditions each block's
@@ -11,6 +11,8 @@ average of `N g²`, which estimates the per-example second moment from the
 batch gradient `g` of a mean over `N` loss terms.
 """
 
+import dataclasses
+import warnings
 from typing import Any
 
 import jax
@@ -23,12 +25,17 @@ from optax_ekfac._src.curvature import relative_damping_floor
 from optax_ekfac._src.options import (
     ADAPTATION,
     DEFAULTS,
+    FIXED_RATE,
+    Adaptation,
+    FixedRate,
     Options,
     Scalings,
     WeightSharing,
+    preconditioner_options,
 )
 from optax_ekfac._src.state import BlockState, ScaleByEkfacState
 from optax_ekfac._src.statistics import Statistics
+from optax_ekfac._src.weight_decay import decay_terms
 
 
 def scale_by_ekfac(
@@ -53,7 +60,8 @@ def scale_by_ekfac(
     The update takes the batch statistics as a keyword argument:
     `tx.update(grads, state, params, stats=stats)` with `stats` from
     `Curvature.value_grad_and_stats`. Chain it with a learning rate (or use
-    `ekfac`), since it returns the preconditioned gradient, not a step.
+    `ekfac_sgd`, or the adaptive `ekfac`), since it returns the
+    preconditioned gradient, not a step.
 
     A step whose gradients or statistics hold a NaN or an infinity is skipped:
     the state stays as it was (factors, eigenbases, scalings, second moments
@@ -61,8 +69,8 @@ def scale_by_ekfac(
     `skipped_steps`, and the gradients are returned as they came (NaN and
     all), for `optax.apply_if_finite` (or the caller) to reject; if only the
     statistics are non-finite, the finite gradients pass through
-    unpreconditioned. `ekfac` instead skips the whole step (zero updates,
-    `optax.sgd`'s state unchanged). The check is one reduction inside the
+    unpreconditioned. `ekfac` and `ekfac_sgd` instead skip the whole step
+    (zero updates, nothing else changed). The check is one reduction inside the
     compiled step.
 
     The update checks that `stats` hold every block's calls with the feature
@@ -74,7 +82,8 @@ def scale_by_ekfac(
     it, a threshold chosen for gradients cuts the preconditioned direction,
     often hundreds of times longer, and training nearly stops); weight decay
     (`optax.add_decayed_weights`) after it and before `optax.sgd`, decoupled
-    as in AdamW; the learning rate and its schedule in `optax.sgd`;
+    as in AdamW (or `ekfac_sgd`'s `weight_decay`); the learning rate and its
+    schedule in `optax.sgd`;
     `optax.apply_if_finite` around the whole chain. `optax.adam` or `adamw`
     after it is Adam on the preconditioned directions, whose per-coordinate
     normalization, not the curvature, sets the step sizes. Under
@@ -175,21 +184,7 @@ def scale_by_ekfac(
         >>> updates, opt_state = tx.update(grads, opt_state, params, stats=stats)
     """
     options = validation.checked_options(
-        Options(
-            damping=damping,
-            decay=decay,
-            eigen_update_every=eigen_update_every,
-            stats_update_every=stats_update_every,
-            eigenvalue_correction=eigenvalue_correction,
-            scalings=scalings,
-            weight_sharing=weight_sharing,
-            max_per_example_elements=max_per_example_elements,
-            max_factor_dim=max_factor_dim,
-            factor_dtype=factor_dtype,
-            eigh_dtype=eigh_dtype,
-            distribute_eigh=distribute_eigh,
-            axis_name=axis_name,
-        )
+        Options(damping=damping, **preconditioner_options(locals()))
     )
     validation.check_layers(layers)
 
@@ -234,15 +229,17 @@ def ekfac(
     layers: Layers,
     learning_rate: optax.ScalarOrSchedule | None = None,
     *,
-    momentum: float | None = None,
-    nesterov: bool = False,
-    damping: float | jax.Array | None = None,
+    momentum: float | None = ADAPTATION.momentum,
+    nesterov: bool = FIXED_RATE.nesterov,
+    damping: float | jax.Array | None = ADAPTATION.damping,
     initial_damping: float = ADAPTATION.initial_damping,
     min_damping: float = ADAPTATION.min_damping,
     max_damping: float = ADAPTATION.max_damping,
     damping_decay: float = ADAPTATION.damping_decay,
     damping_adaptation_interval: int = ADAPTATION.damping_adaptation_interval,
     max_momentum: float = ADAPTATION.max_momentum,
+    weight_decay: float = ADAPTATION.weight_decay,
+    mask: Any = ADAPTATION.mask,
     decay: float = DEFAULTS.decay,
     eigen_update_every: int = DEFAULTS.eigen_update_every,
     stats_update_every: int = DEFAULTS.stats_update_every,
@@ -258,48 +255,49 @@ def ekfac(
 ) -> optax.GradientTransformationExtraArgs:
     """EKFAC with no tuning: adapted step size, momentum and damping.
 
-    With no `learning_rate` (the recommended use, `ekfac(layers)`), every
-    update takes the EKFAC direction `Δ = -P_λ g` and the previous update `δ`,
-    and moves by `α Δ + β δ` with `(α, β)` minimizing the quadratic model
-    `gᵀu + ½ uᵀ (G + λ I) u` of the batch's loss, `G` its exact Gauss-Newton
-    matrix (products from the statistics' `loss_model`: one linearization
-    of the model's outputs per step), scaled down where that model promises
-    a decrease larger than the batch's (non-negative) loss; the damping `λ`
-    follows the Levenberg-Marquardt rule from the reduction ratio of the
-    batch's loss every `damping_adaptation_interval` updates (one more
-    forward pass).
+    Every update takes the EKFAC direction `Δ = -P_λ g` and the previous
+    update `δ`, and moves by `α Δ + β δ` with `(α, β)` minimizing the
+    quadratic model `gᵀu + ½ uᵀ (G + λ I) u` of the batch's loss, `G` its
+    exact Gauss-Newton matrix (products from the statistics' `loss_model`:
+    one linearization of the model's outputs per step), scaled down where
+    that model promises a decrease larger than the batch's (non-negative)
+    loss; the damping `λ` follows the Levenberg-Marquardt rule from the
+    reduction ratio of the batch's loss every `damping_adaptation_interval`
+    updates (one more forward pass).
     This is K-FAC's step control (Martens & Grosse, 2015, sections 6.5 and 7).
     The adapted values are in the state (`EkfacState`) for logging. The loss
     must come from this library's loss helpers, which mark the model's
-    outputs.
+    outputs. For a fixed learning rate (and no extra passes) use `ekfac_sgd`.
 
-    With a `learning_rate`, it is `optax.chain(scale_by_ekfac(...),
-    optax.sgd(learning_rate, momentum, nesterov))` at a fixed `damping`
-    (default 1e-3): nothing adapted, no extra passes.
+    It takes the updates it gets as the loss's gradient: put nothing that
+    changes them before it (its quadratic model and trust-region test bound
+    the step, so no clipping); weight decay is its `weight_decay` argument.
+    Under `optax.multi_transform` or `optax.masked` it fits its step to the
+    loss along its own parameters, the others held where they are;
+    `accumulated` gives it the whole batch's loss model.
 
-    Adapted, it takes the updates it gets as the loss's gradient: put
-    nothing that changes them before it (its quadratic model and trust-region
-    test bound the step, so no clipping), decoupled weight decay after it
-    (`optax.add_decayed_weights(-rate)`). Under `optax.multi_transform` or
-    `optax.masked` it fits its step to the loss along its own parameters,
-    the others held where they are; `accumulated` gives it the whole batch's
-    loss model.
+    A step whose gradients, statistics, quadratic model or batch loss hold a
+    NaN or an infinity is skipped as a whole: the updates are zeros and the
+    state is unchanged except `skipped_steps` of the `ScaleByEkfacState`;
+    the decision is made inside the compiled step.
 
-    A step whose gradients or statistics (or, adapted, the quadratic model
-    or the batch's loss) hold a NaN or an infinity is skipped as a whole:
-    the updates are zeros and the state is unchanged except `skipped_steps`
-    of the `ScaleByEkfacState`; the decision is made inside the compiled
-    step.
+    Every numeric argument can be scheduled or changed between steps with
+    `optax.inject_hyperparams(ekfac)(layers, ...)`, with no `static_args`
+    (`max_per_example_elements` and `max_factor_dim`, which set array shapes,
+    only as `static_args` when given).
 
     Args:
         layers: the blocks, from `Curvature.layers`.
-        learning_rate: None to adapt the step size; or a scalar or an optax
-            schedule for plain preconditioned SGD.
-        momentum: adapted: None adapts `β`, a number fixes it. With a
-            `learning_rate`: heavy-ball momentum, or None for none.
-        nesterov: with a `learning_rate`: Nesterov momentum.
-        damping: `λ` (see `scale_by_ekfac`). Adapted: None adapts it, a
-            number fixes it. With a `learning_rate`: None for 1e-3.
+        learning_rate: deprecated: use `ekfac_sgd(layers, learning_rate,
+            ...)`, to which it forwards (with a `DeprecationWarning`) with
+            the behaviour of before: `damping` 1e-3 by default and no
+            `norm_constraint`. None (the default): the adaptive optimizer.
+        momentum: None adapts `β` in `[0, max_momentum]`; a number fixes it
+            (left out of a step the model predicts uphill).
+        nesterov: for a deprecated `learning_rate` only (`ekfac_sgd`'s);
+            refused otherwise.
+        damping: `λ` (see `scale_by_ekfac`): None adapts it, a number fixes
+            it.
         initial_damping: the adapted damping's first value.
         min_damping, max_damping: the adapted damping's range.
         damping_decay: the adapted damping is multiplied or divided by
@@ -308,102 +306,271 @@ def ekfac(
             second rejected step in a row).
         damping_adaptation_interval: updates between damping adaptations.
         max_momentum: the largest adapted `β`.
+        weight_decay: decoupled weight decay, as `optax.adamw`'s at the step's
+            own rate: the update is `α Δ + β δ - α · weight_decay · θ`, `α`
+            the step size the model chose for the EKFAC direction (as
+            AdamW's `-η (Adam's direction + weight_decay θ)`, `η` its learning
+            rate). `α` is near 1 once the damping has adapted, so each step
+            shrinks the weights by about `weight_decay` (AdamW's
+            `learning_rate · weight_decay`). Not part of the quadratic model
+            or the momentum; a step not taken decays nothing. Needs `params`
+            in `update` unless 0.
+        mask: which parameters decay, as `optax.adamw`'s `mask`: a tree of
+            bools like the parameters, or a function of the parameters giving
+            one; None for all.
         decay, eigen_update_every, stats_update_every,
         eigenvalue_correction, scalings, weight_sharing,
         max_per_example_elements, max_factor_dim, factor_dtype, eigh_dtype,
-        distribute_eigh, axis_name: as in `scale_by_ekfac`. The numeric ones
-            can be scheduled with `optax.inject_hyperparams`, as for
-            `optax.adamw`.
+        distribute_eigh, axis_name: as in `scale_by_ekfac`.
 
     Returns:
-        An `optax.GradientTransformationExtraArgs` whose update takes `stats=`.
-        Its state is an `EkfacState` (adapted), or that of
-        `optax.chain(scale_by_ekfac(...), optax.sgd(...))`:
-        `(ScaleByEkfacState, sgd state)`.
+        An `optax.GradientTransformationExtraArgs` whose update takes
+        `stats=`, with an `EkfacState`.
+
+    Raises:
+        TypeError: for `nesterov=True` without a `learning_rate`, or a
+            step-control setting (`min_damping`, ...) with one.
 
     Example:
-        >>> tx = optax_ekfac.ekfac(layers)
+        >>> tx = optax_ekfac.ekfac(layers, weight_decay=1e-4)
         >>> opt_state = tx.init(params)
         >>> updates, opt_state = tx.update(grads, opt_state, params, stats=stats)
         >>> float(opt_state.damping) > 0
         True
-        >>> fixed = optax_ekfac.ekfac(layers, learning_rate=0.1, momentum=0.9)
-        >>> scheduled = optax.inject_hyperparams(optax_ekfac.ekfac)(
-        ...     layers, learning_rate=0.1, damping=1e-3)
+        >>> injected = optax.inject_hyperparams(optax_ekfac.ekfac)(layers)
+        >>> opt_state = injected.init(params)
+        >>> opt_state.hyperparams["max_momentum"] = 0.9  # from the next step on
     """
+    arguments = locals()
+    adaptation = Adaptation(**{name: arguments[name] for name in _ADAPTATION_FIELDS})
+    options = preconditioner_options(arguments)
+    if learning_rate is not None:
+        return _deprecated_fixed_rate(
+            layers, learning_rate, nesterov, adaptation, options
+        )
+    if nesterov:
+        raise validation.error(
+            validation.EKFAC,
+            "nesterov=True only applies to ekfac_sgd's fixed momentum; the "
+            "adaptive ekfac solves for its momentum at every step. Use "
+            "ekfac_sgd(layers, learning_rate, momentum=0.9, nesterov=True), "
+            "or leave nesterov out.",
+            TypeError,
+        )
+    adaptation = validation.checked_adaptation(adaptation)
 
     def preconditioner(damping: Any) -> optax.GradientTransformationExtraArgs:
-        return scale_by_ekfac(
-            layers,
-            damping=damping,
-            decay=decay,
-            eigen_update_every=eigen_update_every,
-            stats_update_every=stats_update_every,
-            eigenvalue_correction=eigenvalue_correction,
-            scalings=scalings,
-            weight_sharing=weight_sharing,
-            max_per_example_elements=max_per_example_elements,
-            max_factor_dim=max_factor_dim,
-            factor_dtype=factor_dtype,
-            eigh_dtype=eigh_dtype,
-            distribute_eigh=distribute_eigh,
-            axis_name=axis_name,
-        )
+        return scale_by_ekfac(layers, damping=damping, **options)
 
-    if learning_rate is None:
-        adaptation = validation.checked_adaptation(
-            step_control.Adaptation(
-                momentum=momentum,
-                damping=damping,
-                initial_damping=initial_damping,
-                min_damping=min_damping,
-                max_damping=max_damping,
-                damping_decay=damping_decay,
-                damping_adaptation_interval=damping_adaptation_interval,
-                max_momentum=max_momentum,
-            )
-        )
-        # Built once now so that bad settings are refused here, not when the
-        # first update is traced.
-        preconditioner(adaptation.damping or adaptation.initial_damping)
-        return step_control.adaptive(preconditioner, adaptation)
-    validation.check_learning_rate(learning_rate)
-    return _skipping_non_finite_steps(
-        preconditioner(DEFAULTS.damping if damping is None else damping),
-        optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
+    # Built once now so that bad settings are refused here, not when the
+    # first update is traced.
+    preconditioner(initial_damping if damping is None else damping)
+    return step_control.adaptive(preconditioner, adaptation)
+
+
+_ADAPTATION_FIELDS = tuple(field.name for field in dataclasses.fields(Adaptation))
+
+
+def _deprecated_fixed_rate(
+    layers: Layers,
+    learning_rate: optax.ScalarOrSchedule,
+    nesterov: bool,
+    adaptation: Adaptation,
+    options: dict[str, Any],
+) -> optax.GradientTransformationExtraArgs:
+    """`ekfac(layers, learning_rate, ...)`: `ekfac_sgd` as it was, with a
+    `DeprecationWarning`; the step-control settings it has no use for are
+    refused."""
+    validation.check_learning_rate(learning_rate, validation.EKFAC)
+    validation.check_only_adaptive_defaults(adaptation)
+    warnings.warn(
+        "ekfac(layers, learning_rate=...) is deprecated and will be removed: "
+        "use optax_ekfac.ekfac_sgd(layers, learning_rate, momentum, nesterov, "
+        "damping=..., ...), which also bounds the step by default "
+        "(norm_constraint=None for this behaviour). ekfac(layers), with no "
+        "learning_rate, is the adaptive optimizer.",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return ekfac_sgd(
+        layers,
+        learning_rate,
+        adaptation.momentum,
+        nesterov,
+        damping=(
+            _OLD_FIXED_DAMPING if adaptation.damping is None else adaptation.damping
+        ),
+        weight_decay=adaptation.weight_decay,
+        mask=adaptation.mask,
+        norm_constraint=None,
+        **options,
     )
 
 
-def _skipping_non_finite_steps(
-    preconditioner: optax.GradientTransformationExtraArgs,
-    optimizer: optax.GradientTransformation,
+# `ekfac(layers, learning_rate)`'s damping before `ekfac_sgd`, kept for its
+# deprecation period.
+_OLD_FIXED_DAMPING = 1e-3
+
+
+def ekfac_sgd(
+    layers: Layers,
+    learning_rate: optax.ScalarOrSchedule,
+    momentum: float | None = FIXED_RATE.momentum,
+    nesterov: bool = FIXED_RATE.nesterov,
+    *,
+    damping: float | jax.Array = FIXED_RATE.damping,
+    weight_decay: float = FIXED_RATE.weight_decay,
+    mask: Any = FIXED_RATE.mask,
+    norm_constraint: float | None = FIXED_RATE.norm_constraint,
+    decay: float = DEFAULTS.decay,
+    eigen_update_every: int = DEFAULTS.eigen_update_every,
+    stats_update_every: int = DEFAULTS.stats_update_every,
+    eigenvalue_correction: bool = DEFAULTS.eigenvalue_correction,
+    scalings: Scalings = DEFAULTS.scalings,
+    weight_sharing: WeightSharing = DEFAULTS.weight_sharing,
+    max_per_example_elements: int | None = DEFAULTS.max_per_example_elements,
+    max_factor_dim: int | None = DEFAULTS.max_factor_dim,
+    factor_dtype: Any = DEFAULTS.factor_dtype,
+    eigh_dtype: Any = DEFAULTS.eigh_dtype,
+    distribute_eigh: bool = DEFAULTS.distribute_eigh,
+    axis_name: str = DEFAULTS.axis_name,
 ) -> optax.GradientTransformationExtraArgs:
-    """`optax.chain(preconditioner, optimizer)` that skips the preconditioner's
-    skipped steps: zero updates, and `optimizer`'s state left as it was.
+    """EKFAC-preconditioned SGD at a fixed (or scheduled) learning rate.
+
+    `optax.sgd(learning_rate, momentum, nesterov)` on the EKFAC directions
+    `d = P_λ g` of `scale_by_ekfac` at a fixed `damping`, with decoupled
+    weight decay as `optax.adamw`'s, and each direction bounded first:
+
+        d ← d · min(1, √(norm_constraint / (η² gᵀd)))
+        m ← momentum · m + d                 (heavy ball; Nesterov if asked)
+        update = -η (m + weight_decay · θ)
+
+    `η` the learning rate at this step. `η² gᵀd = η² gᵀ P_λ g` is the squared
+    length of the step `η d` measured by the damped curvature it was
+    preconditioned with (`(ηd)ᵀ(F + λ)(ηd)`), about twice the change of the
+    model's output distribution it makes (a KL divergence): kfac-jax's
+    `norm_constraint` and the "KL clipping" of Ba et al. (2017).
+
+    The learning rate and the damping: along a direction of curvature `s`,
+    `η d` is `η g / (s + λ)`: a Newton step scaled by `η` where `s ≫ λ`
+    (keep `η / (1 - momentum) ≲ 1`: `η = 1` with no momentum is the full
+    step of the curvature model), and plain SGD at the rate `η / λ` where
+    `s ≪ λ`, which at `λ = 1e-3` is hundreds of times the rate SGD trains
+    with. The norm constraint is what makes the small default damping safe:
+    it caps every step at `√norm_constraint` in the curvature's norm, so
+    those directions cannot run away, and while it binds the step's length
+    is set by `norm_constraint`, not by `η`. With `norm_constraint=None`,
+    choose `λ ≥ η / η_SGD`, `η_SGD` a learning rate plain SGD trains the
+    model with (e.g. `η = 0.03`, `η_SGD = 0.1`: `λ ≥ 0.3`).
+
+    Nothing is adapted and no extra forward pass is made: it needs the
+    statistics, not their `loss_model`. A step whose
+    gradients or statistics hold a NaN or an infinity is skipped as a whole
+    (zero updates, the sgd state unchanged, `skipped_steps` counted).
+
+    Args:
+        layers: the blocks, from `Curvature.layers`.
+        learning_rate: `η`, a number > 0 or an optax schedule of the step
+            count (the steps taken).
+        momentum: heavy-ball momentum in `[0, 1)`, or None for none (as
+            `optax.sgd`'s).
+        nesterov: Nesterov momentum (needs a `momentum`).
+        damping: `λ > 0` (see `scale_by_ekfac`).
+        weight_decay: decoupled weight decay, as `optax.adamw`'s: `η ·
+            weight_decay · θ` subtracted at each step, outside the momentum.
+            Needs `params` in `update` unless 0.
+        mask: which parameters decay, as `optax.adamw`'s `mask`: a tree of
+            bools like the parameters, or a function of the parameters giving
+            one; None for all.
+        norm_constraint: the largest squared curvature length `η² gᵀd` of a
+            step before the momentum (above), or None for no bound (then mind
+            the learning rate–damping relation above).
+        decay, eigen_update_every, stats_update_every,
+        eigenvalue_correction, scalings, weight_sharing,
+        max_per_example_elements, max_factor_dim, factor_dtype, eigh_dtype,
+        distribute_eigh, axis_name: as in `scale_by_ekfac`.
+
+    Returns:
+        An `optax.GradientTransformationExtraArgs` whose update takes
+        `stats=`; its state is `(ScaleByEkfacState, optax.sgd's state)`.
+
+    Example:
+        >>> tx = optax_ekfac.ekfac_sgd(layers, 0.1, momentum=0.9)
+        >>> opt_state = tx.init(params)
+        >>> updates, opt_state = tx.update(grads, opt_state, params, stats=stats)
+        >>> scheduled = optax_ekfac.ekfac_sgd(
+        ...     layers, optax.cosine_decay_schedule(0.1, 1000), momentum=0.9,
+        ...     weight_decay=1e-4)
+        >>> injected = optax.inject_hyperparams(optax_ekfac.ekfac_sgd)(
+        ...     layers, learning_rate=0.1)
+    """
+    arguments = locals()
+    validation.check_learning_rate(learning_rate)
+    fixed = validation.checked_fixed_rate(
+        FixedRate(**{name: arguments[name] for name in _FIXED_RATE_FIELDS})
+    )
+    preconditioner = scale_by_ekfac(
+        layers, damping=damping, **preconditioner_options(arguments)
+    )
+    return _fixed_rate(preconditioner, learning_rate, fixed)
+
+
+_FIXED_RATE_FIELDS = tuple(field.name for field in dataclasses.fields(FixedRate))
+
+
+def _fixed_rate(
+    preconditioner: optax.GradientTransformationExtraArgs,
+    learning_rate: optax.ScalarOrSchedule,
+    fixed: FixedRate,
+) -> optax.GradientTransformationExtraArgs:
+    """`optax.sgd` on the preconditioner's directions (bounded by
+    `norm_constraint`), minus the decoupled weight decay, that skips the
+    preconditioner's skipped steps: zero updates, and sgd's state left as it
+    was.
 
     The skip is read from the preconditioner's own flag, the increment of its
     `skipped_steps`, so gradients and statistics are checked once. The state
-    has `optax.chain`'s structure.
+    has `optax.chain(preconditioner, optax.sgd(...))`'s structure.
     """
-    optimizer = optax.with_extra_args_support(optimizer)
+    optimizer = optax.with_extra_args_support(
+        optax.sgd(learning_rate, momentum=fixed.momentum, nesterov=fixed.nesterov)
+    )
 
     def init_fn(params: optax.Params) -> tuple[Any, Any]:
         return preconditioner.init(params), optimizer.init(params)
 
     def update_fn(updates, state, params=None, **extra_args):
         preconditioner_state, optimizer_state = state
+        decay = decay_terms(
+            params, fixed.weight_decay, fixed.mask, validation.EKFAC_SGD
+        )
         directions, new_preconditioner_state = preconditioner.update(
             updates, preconditioner_state, params, **extra_args
         )
         skipped = (
             new_preconditioner_state.skipped_steps != preconditioner_state.skipped_steps
         )
+        # The schedule's count is the steps taken, as sgd's own count is.
+        rate = (
+            learning_rate(preconditioner_state.count)
+            if callable(learning_rate)
+            else learning_rate
+        )
+        if fixed.norm_constraint is not None:
+            directions = _norm_constrained(
+                directions, updates, rate, fixed.norm_constraint
+            )
         # The optimizer runs on every step (one compiled step); `where` drops
         # its result on a skipped one, so no NaN, and no zero either, enters
         # its momentum.
         new_updates, new_optimizer_state = optimizer.update(
             directions, optimizer_state, params, **extra_args
         )
+        if decay is not None:
+            new_updates = optax.tree.cast_like(
+                optax.tree.add(new_updates, optax.tree.scale(-rate, decay)),
+                new_updates,
+            )
         new_updates = optax.tree.where(
             skipped, optax.tree.zeros_like(new_updates), new_updates
         )
@@ -413,6 +580,22 @@ def _skipping_non_finite_steps(
         return new_updates, (new_preconditioner_state, new_optimizer_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _norm_constrained(
+    directions: optax.Updates, grads: optax.Updates, rate: Any, constraint: Any
+) -> optax.Updates:
+    """`directions · min(1, √(constraint / (rate² gᵀd)))`: the step
+    `rate · d` no longer than `√constraint` in the damped curvature's norm.
+    A direction with `gᵀd ≤ 0` (none, or a zero gradient) is left as it is."""
+    squared_norm = optax.tree.vdot(grads, directions)
+    dtype = jnp.promote_types(squared_norm.dtype, jnp.float32)
+    scaled = jnp.asarray(rate, dtype) ** 2 * squared_norm.astype(dtype)
+    bounded = scaled > constraint
+    coefficient = jnp.where(
+        bounded, jnp.sqrt(constraint / jnp.where(bounded, scaled, 1.0)), 1.0
+    )
+    return optax.tree.cast_like(optax.tree.scale(coefficient, directions), directions)
 
 
 def _initial_state(

@@ -20,12 +20,20 @@ import numpy as np
 
 from optax_ekfac._src import callers, kinds
 from optax_ekfac._src.blocks import Block, Layers, leaves_by_path
-from optax_ekfac._src.options import Adaptation, Options, Scalings, WeightSharing
+from optax_ekfac._src.options import (
+    ADAPTATION,
+    Adaptation,
+    FixedRate,
+    Options,
+    Scalings,
+    WeightSharing,
+)
 from optax_ekfac._src.state import BlockState, ScaleByEkfacState
 from optax_ekfac._src.statistics import LayerStats, Statistics
 
 SCALE_BY_EKFAC = "scale_by_ekfac"
 EKFAC = "ekfac"
+EKFAC_SGD = "ekfac_sgd"
 _HYPERPARAMETERS = (
     "damping",
     "decay",
@@ -377,7 +385,7 @@ def _check_hyperparameters(options: Options) -> None:
         )
 
 
-def check_learning_rate(learning_rate: Any) -> None:
+def check_learning_rate(learning_rate: Any, owner: str = EKFAC_SGD) -> None:
     """Raises for a fixed learning rate that is known now and not positive:
     `optax.sgd` would step uphill. Schedules and traced values are not
     checked."""
@@ -387,14 +395,97 @@ def check_learning_rate(learning_rate: Any) -> None:
     if value.ndim == 0 and np.issubdtype(value.dtype, np.number) and value > 0:
         return
     raise error(
-        EKFAC,
+        owner,
         f"learning_rate must be a number > 0 or an optax schedule, got "
-        f"{learning_rate!r} (None adapts the step size).",
+        f"{learning_rate!r}.",
     )
 
 
+def concrete(value: Any) -> Any:
+    """`value` as a Python number where it is known now (a Python or NumPy
+    number, or a concrete 0-d array, as `optax.inject_hyperparams` passes to
+    `init`); None where it is traced (its `update` under `jit`)."""
+    if isinstance(value, jax.core.Tracer):
+        return None
+    return np.asarray(value).item()
+
+
+def is_zero(value: Any) -> bool:
+    """Whether `value` is known now to be 0 (a traced value is not)."""
+    return not isinstance(value, jax.core.Tracer) and concrete(value) == 0
+
+
+def check_only_adaptive_defaults(adaptation: Adaptation) -> None:
+    """Raises for a step-control setting of the adaptive `ekfac` given with
+    a `learning_rate`, which has no use for it: one that is not its default
+    (traced values were checked when `init` ran)."""
+    for name in (
+        "initial_damping",
+        "min_damping",
+        "max_damping",
+        "damping_decay",
+        "damping_adaptation_interval",
+        "max_momentum",
+    ):
+        value = getattr(adaptation, name)
+        default = getattr(ADAPTATION, name)
+        # Relative: optax.inject_hyperparams hands the defaults over as
+        # float32 arrays.
+        if not isinstance(value, jax.core.Tracer) and not np.isclose(
+            concrete(value), default, rtol=1e-6, atol=0
+        ):
+            raise error(
+                EKFAC,
+                f"{name}={value!r} only applies to the adaptive ekfac (no "
+                "learning_rate), which adapts the damping and momentum; "
+                "ekfac_sgd(layers, learning_rate, ...) has a fixed damping and "
+                f"momentum. Leave {name} out, or drop learning_rate.",
+                TypeError,
+            )
+
+
+def checked_fixed_rate(fixed: FixedRate) -> FixedRate:
+    """Raises unless `ekfac_sgd`'s own settings are in range."""
+    if fixed.nesterov and fixed.momentum is None:
+        raise error(
+            EKFAC_SGD,
+            "nesterov=True needs a momentum (got momentum=None, no momentum); "
+            "pass momentum=0.9, say, or leave nesterov out.",
+        )
+    rules = {
+        "momentum": (fixed.momentum, "in [0, 1) or None (no momentum)", 0, 1),
+        "damping": (fixed.damping, "> 0", 0, math.inf),
+        "weight_decay": (fixed.weight_decay, ">= 0", 0, math.inf),
+        "norm_constraint": (fixed.norm_constraint, "> 0 or None (none)", 0, math.inf),
+    }
+    for name, (value, rule, low, high) in rules.items():
+        _check_range(EKFAC_SGD, name, value, rule, low, high)
+    return fixed
+
+
+def _check_range(owner, name, value, rule, low, high) -> None:
+    """Raises unless `value` (None, traced, or a number in the range) is
+    allowed; lows are inclusive for momenta and weight decay."""
+    if value is None or isinstance(value, jax.core.Tracer) or callable(value):
+        return
+    inclusive_low = name in ("momentum", "max_momentum", "weight_decay")
+    number = concrete(value) if jnp.ndim(value) == 0 else None
+    if not (
+        isinstance(number, numbers.Real)
+        and not isinstance(number, bool)
+        and (low <= number if inclusive_low else low < number)
+        and number < high
+    ):
+        raise error(owner, f"{name} must be {rule}, got {value!r}.")
+
+
 def checked_adaptation(adaptation: Adaptation) -> Adaptation:
-    """Raises unless the adaptive `ekfac`'s settings are in range."""
+    """Raises unless the adaptive `ekfac`'s settings are in range.
+
+    Values known now are checked: Python and NumPy numbers and concrete 0-d
+    arrays (what `optax.inject_hyperparams` passes to `init`); traced ones
+    (what it passes to a jitted `update`) were checked then.
+    """
     rules = {
         "momentum": (adaptation.momentum, "in [0, 1) or None (adapted)", 0, 1),
         "damping": (adaptation.damping, "> 0 or None (adapted)", 0, math.inf),
@@ -403,26 +494,21 @@ def checked_adaptation(adaptation: Adaptation) -> Adaptation:
         "max_damping": (adaptation.max_damping, "> 0", 0, math.inf),
         "damping_decay": (adaptation.damping_decay, "in (0, 1)", 0, 1),
         "max_momentum": (adaptation.max_momentum, "in [0, 1)", 0, 1),
+        "weight_decay": (adaptation.weight_decay, ">= 0", 0, math.inf),
     }
     for name, (value, rule, low, high) in rules.items():
-        if value is None or isinstance(value, jax.core.Tracer):
-            continue
-        inclusive_low = name in ("momentum", "max_momentum")
-        if not (
-            (low <= value if inclusive_low else low < value) and value < high
-        ) or jnp.ndim(value):
-            raise error(EKFAC, f"{name} must be {rule}, got {value!r}.")
+        _check_range(EKFAC, name, value, rule, low, high)
     interval = adaptation.damping_adaptation_interval
-    if not (isinstance(interval, numbers.Integral) and interval >= 1):
+    if not _is_integer(interval):
         raise error(
             EKFAC,
             f"damping_adaptation_interval must be an integer >= 1, got {interval!r}.",
         )
-    if (
-        not adaptation.min_damping
-        <= adaptation.initial_damping
-        <= adaptation.max_damping
-    ):
+    bounds = [
+        concrete(getattr(adaptation, name))
+        for name in ("min_damping", "initial_damping", "max_damping")
+    ]
+    if None not in bounds and not bounds[0] <= bounds[1] <= bounds[2]:
         raise error(
             EKFAC,
             "initial_damping must lie in [min_damping, max_damping], got "
@@ -508,3 +594,17 @@ def check_loss_terms(loss_shape: tuple[int, ...], batch: tuple) -> None:
             "terms per example ([B], or [B, T] for token losses), not losses "
             "reduced over the batch (e.g. .mean(0) or keepdims=True)."
         )
+
+
+def _is_integer(value: Any) -> bool:
+    """An integer >= 1: a Python or NumPy integer, a 0-d integer array (a
+    concrete one at least 1), or a traced 0-d integer."""
+    if isinstance(value, bool) or np.ndim(value) != 0:
+        return False
+    if isinstance(value, numbers.Integral):
+        return int(value) >= 1
+    dtype = getattr(value, "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
+        return False
+    number = concrete(value)
+    return number is None or number >= 1
