@@ -132,11 +132,14 @@ def ekfac(
     """
 
     def make(layers, learning_rate, damping):
-        return oek.ekfac(
+        # No norm constraint: the sweeps' numbers are those of the plain
+        # fixed-rate chain.
+        return oek.ekfac_sgd(
             layers,
             learning_rate,
             momentum=momentum,
             damping=damping,
+            norm_constraint=None,
             eigenvalue_correction=eigenvalue_correction,
             **settings,
         )

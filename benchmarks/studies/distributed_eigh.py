@@ -122,7 +122,9 @@ def main(argv: Sequence[str] | None = None) -> BenchmarkResult:
     with jax.set_mesh(mesh):
         batch = jax.device_put((x, y), sharded)
         for name, settings in variants.items():
-            tx = oek.ekfac(layers, 1e-3, momentum=0.9, damping=1e-3, **settings)
+            tx = oek.ekfac_sgd(
+                layers, 1e-3, 0.9, damping=1e-3, norm_constraint=None, **settings
+            )
 
             def step(params, opt_state, x, y, tx=tx):
                 _, grads, stats = curvature.value_grad_and_stats(params, x, y)
