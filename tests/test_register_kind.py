@@ -48,7 +48,11 @@ class ProjectKind(oek.LayerKind):
         return oek.CallShape((("kernel", (d_in, d_out)),), d_in, d_out)
 
 
-oek.register_kind(ProjectKind())
+@pytest.fixture(autouse=True)
+def registered():
+    # Registered for each test: a registration elsewhere under the same name
+    # (the docstring example's `Project`) replaces this one.
+    return oek.register_kind(ProjectKind())
 
 
 def _batch():
