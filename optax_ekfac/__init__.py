@@ -1,6 +1,6 @@
 """optax_ekfac: EKFAC preconditioning for Flax models as optax transformations."""
 
-from optax_ekfac import nnx
+from optax_ekfac import diagnostics, nnx
 from optax_ekfac._src.accumulation import accumulated
 from optax_ekfac._src.blocks import Block, Layers
 from optax_ekfac._src.capture import Curvature, curvature_terms
@@ -47,6 +47,7 @@ __all__ = [
     "accumulated",
     "curvature_terms",
     "ekfac",
+    "diagnostics",
     "ekfac_block",
     "ekfac_sgd",
     "fisher_block",
