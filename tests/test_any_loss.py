@@ -45,12 +45,21 @@ def _coupled_cauchy(outputs, targets):
     return jnp.log1p(jnp.sum((outputs - targets) ** 2, axis=-1))
 
 
-# name: (the loss of one batch's outputs, per term; labels are class indices)
+def _binary_cross_entropy(logits, targets):
+    return optax.sigmoid_binary_cross_entropy(
+        logits, (targets > 0).astype(logits.dtype)
+    )
+
+
+# name: (the loss of one batch's outputs, whether its labels are class indices)
 LOSSES = {
     "huber": (optax.huber_loss, False),
     "smoothed_cross_entropy": (_smoothed_cross_entropy, True),
     "cauchy": (_cauchy, False),
     "coupled_cauchy": (_coupled_cauchy, False),
+    "l2": (optax.l2_loss, False),
+    "binary_cross_entropy": (_binary_cross_entropy, False),
+    "integer_cross_entropy": (optax.softmax_cross_entropy_with_integer_labels, True),
 }
 
 
@@ -278,6 +287,19 @@ def test_default_fisher_without_helpers_is_empirical_with_a_warning():
     np.testing.assert_array_equal(
         default.layers["out"][0].output_grads, empirical.layers["out"][0].output_grads
     )
+
+
+def test_several_samples_without_helpers_are_refused():
+    model = MLP()
+    x = jnp.ones((2, 4))
+    params = model.init(jax.random.key(2), x)["params"]
+
+    def loss_fn(params, x):
+        return jnp.sum(model.apply({"params": params}, x) ** 2, -1)
+
+    curvature = oek.Curvature(loss_fn, num_samples=2)
+    with pytest.raises(ValueError, match="num_samples=2 needs the sampled Fisher"):
+        curvature.value_grad_and_stats(params, x)
 
 
 def test_bad_loss_shapes_are_refused():

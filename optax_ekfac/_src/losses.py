@@ -8,7 +8,11 @@ per leading index and never reduces over examples. The last axis of
 
 Each helper is the negative log-likelihood of a distribution (categorical,
 unit-variance Gaussian, independent Bernoulli), which is what makes the
-empirical Fisher of these losses a Fisher.
+empirical Fisher of these losses a Fisher. `per_example_loss` makes any other
+loss of the outputs a helper: its curvature is the Gauss-Newton matrix, from
+autodiff of the loss at the outputs, and its Monte-Carlo Fisher samples
+output gradients `L z` (`z ~ N(0, I)`, `L Lᵀ` the clipped output Hessian)
+instead of labels.
 
 For the Monte-Carlo Fisher (`Curvature(..., fisher_type="mc")`) the capture
 runs `loss_fn` inside `sampling(key, num_samples)`. While that context is
