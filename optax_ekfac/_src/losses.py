@@ -685,8 +685,11 @@ def _hessian_factor(
     columns = jax.vmap(column)(jnp.eye(outputs.shape[-1], dtype=outputs.dtype))
     hessians = jnp.moveaxis(columns, 0, -1)
     hessians = (hessians + jnp.swapaxes(hessians, -1, -2)) / 2
-    eigenvalues, eigenvectors = jnp.linalg.eigh(hessians)
-    return eigenvectors * jnp.sqrt(jnp.maximum(eigenvalues, 0))[..., None, :]
+    # At least float32: there is no eigh of bfloat16 or float16.
+    precise = hessians.astype(jnp.promote_types(hessians.dtype, jnp.float32))
+    eigenvalues, eigenvectors = jnp.linalg.eigh(precise)
+    factor = eigenvectors * jnp.sqrt(jnp.maximum(eigenvalues, 0))[..., None, :]
+    return factor.astype(hessians.dtype)
 
 
 def _factor_times(factor: jax.Array, vectors: jax.Array, elementwise: bool):
