@@ -615,7 +615,10 @@ def per_example_loss(fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
 
         def perturbed_losses(outputs: jax.Array, perturbation: jax.Array):
             # The second-order model of the losses at outputs + perturbation,
-            # with the clipped Hessian: what the sampled Fisher estimates.
+            # with the clipped Hessian: what the sampled Fisher estimates. In
+            # the perturbation's dtype, as outputs + perturbation would be (a
+            # bfloat16 model's losses in float32 for the step control).
+            outputs = outputs.astype(jnp.result_type(outputs, perturbation))
             fixed = jax.lax.stop_gradient(outputs)
             gradient = jax.grad(lambda o: jnp.sum(term_losses(o)))(fixed)
             projected = _factor_transpose_times(
