@@ -1,6 +1,6 @@
 """optax_ekfac: EKFAC preconditioning for Flax models as optax transformations."""
 
-from optax_ekfac import diagnostics, nnx
+from optax_ekfac import diagnostics, losses, nnx
 from optax_ekfac._src.accumulation import accumulated
 from optax_ekfac._src.blocks import Block, Layers
 from optax_ekfac._src.capture import Curvature, curvature_terms
@@ -17,6 +17,7 @@ from optax_ekfac._src.diagnostics import (
 from optax_ekfac._src.kinds import CallShape, CallSite, LayerKind, register_kind
 from optax_ekfac._src.loss_model import LossModel
 from optax_ekfac._src.losses import (
+    per_example_loss,
     sigmoid_binary_cross_entropy,
     softmax_cross_entropy,
     squared_error,
@@ -54,8 +55,10 @@ __all__ = [
     "frobenius_distances",
     "gradient_variance",
     "kfac_block",
+    "losses",
     "nnx",
     "per_example_gradients",
+    "per_example_loss",
     "register_kind",
     "precondition",
     "relative_damping_floor",

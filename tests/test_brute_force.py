@@ -665,7 +665,7 @@ def _run(name: str, max_factor_dim: int | None = None) -> dict:
     function per problem (and `max_factor_dim`), run once per session."""
     problem = _problem(name)
     params = problem.model.init(jax.random.key(1), problem.x)["params"]
-    curvature = oek.Curvature(_library_loss_fn(problem))
+    curvature = oek.Curvature(_library_loss_fn(problem), fisher_type="empirical")
     layers = curvature.layers(params, problem.x, problem.y)
     settings = dict(damping=DAMPING, max_factor_dim=max_factor_dim)
     ekfac = oek.scale_by_ekfac(layers, **settings)

@@ -21,7 +21,7 @@ def _curvature(model, loss_of_outputs):
     def loss_fn(params, x, y):
         return loss_of_outputs(model.apply({"params": params}, x), y)
 
-    return oek.Curvature(loss_fn), loss_fn
+    return oek.Curvature(loss_fn, fisher_type="empirical"), loss_fn
 
 
 def test_output_grads_are_per_example_gradients():
@@ -205,9 +205,9 @@ def test_has_aux_passes_aux_through():
         logits = model.apply({"params": params}, x)
         return oek.softmax_cross_entropy(logits, y), logits
 
-    (loss, logits), _, _ = oek.Curvature(loss_fn, has_aux=True).value_grad_and_stats(
-        params, x, y
-    )
+    (loss, logits), _, _ = oek.Curvature(
+        loss_fn, has_aux=True, fisher_type="empirical"
+    ).value_grad_and_stats(params, x, y)
     chex.assert_shape(logits, (4, 3))
     chex.assert_trees_all_close(loss, oek.softmax_cross_entropy(logits, y).mean())
 
@@ -228,7 +228,8 @@ def test_model_without_dense_is_refused():
     x, _ = _data((4, 3))
     params = model.init(jax.random.key(0), x)["params"]
     curvature = oek.Curvature(
-        lambda p, x: oek.squared_error(model.apply({"params": p}, x), x)
+        lambda p, x: oek.squared_error(model.apply({"params": p}, x), x),
+        fisher_type="empirical",
     )
     with pytest.raises(ValueError, match="no layer that EKFAC can precondition"):
         curvature.layers(params, x)

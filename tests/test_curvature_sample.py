@@ -50,7 +50,9 @@ def mlp():
 @pytest.mark.parametrize("max_terms, num_sampled", [(6, 6), (7, 7), (1, 1)])
 def test_sampled_curvature_is_the_curvature_of_the_sample(mlp, max_terms, num_sampled):
     model, x, y, params = mlp["model"], mlp["x"], mlp["y"], mlp["params"]
-    curvature = oek.Curvature(mlp["loss_fn"], max_curvature_terms=max_terms)
+    curvature = oek.Curvature(
+        mlp["loss_fn"], max_curvature_terms=max_terms, fisher_type="empirical"
+    )
     layers = curvature.layers(params, x, y)
     tx = oek.scale_by_ekfac(layers, damping=DAMPING)
     loss, grads, stats = jax.jit(curvature.value_grad_and_stats)(params, x, y)
@@ -113,10 +115,14 @@ def test_sampled_curvature_is_the_curvature_of_the_sample(mlp, max_terms, num_sa
 
 def test_a_batch_within_the_bound_is_used_whole(mlp):
     params, x, y = mlp["params"], mlp["x"], mlp["y"]
-    whole = oek.Curvature(mlp["loss_fn"], max_curvature_terms="all")
+    whole = oek.Curvature(
+        mlp["loss_fn"], max_curvature_terms="all", fisher_type="empirical"
+    )
     _, _, expected = whole.value_grad_and_stats(params, x, y)
     for rows in (None, NUM_EXAMPLES, 1000):
-        curvature = oek.Curvature(mlp["loss_fn"], max_curvature_terms=rows)
+        curvature = oek.Curvature(
+            mlp["loss_fn"], max_curvature_terms=rows, fisher_type="empirical"
+        )
         _, _, stats = curvature.value_grad_and_stats(params, x, y)
         assert stats.num_terms == NUM_EXAMPLES and stats.num_batch_terms is None
         chex.assert_trees_all_close(stats.layers, expected.layers)
@@ -170,7 +176,9 @@ def test_token_losses_count_as_terms(tokens, fisher_type):
 def test_the_fallback_scales_by_the_whole_batchs_terms(tokens):
     """`v = N g²` with `N` the terms the gradient averages, not the sample's."""
     params, data = tokens["params"], tokens["data"]
-    curvature = oek.Curvature(tokens["loss_fn"], max_curvature_terms=17)
+    curvature = oek.Curvature(
+        tokens["loss_fn"], max_curvature_terms=17, fisher_type="empirical"
+    )
     layers = curvature.layers(params, data)
     assert layers.fallback
     _, grads, stats = curvature.value_grad_and_stats(params, data)
@@ -212,7 +220,7 @@ def test_default_bound_follows_the_widest_factor():
 @pytest.mark.parametrize("rows", [0, -3, 2.5, "some", True])
 def test_a_bad_bound_is_refused(rows):
     with pytest.raises(ValueError, match="max_curvature_terms"):
-        oek.Curvature(lambda p, x: x, max_curvature_terms=rows)
+        oek.Curvature(lambda p, x: x, max_curvature_terms=rows, fisher_type="empirical")
 
 
 def test_defaults_train_on_a_batch_larger_than_the_bound():
@@ -249,7 +257,7 @@ def test_defaults_train_on_a_batch_larger_than_the_bound():
 def test_the_default_sample_holds_32_sequences_of_token_losses(tokens):
     """20 terms per sequence: the default bound is the terms of 32 of them."""
     data = jax.random.randint(jax.random.key(9), (40, 21), 0, 7)
-    curvature = oek.Curvature(tokens["loss_fn"])
+    curvature = oek.Curvature(tokens["loss_fn"], fisher_type="empirical")
     _, _, stats = curvature.value_grad_and_stats(tokens["params"], data)
     assert stats.num_terms == 32 * 20 and stats.num_batch_terms == 40 * 20
 
@@ -258,9 +266,13 @@ def test_accumulated_micro_batches_each_give_their_sample(mlp):
     """Two micro-batches of 8, a bound of 3: rows 0-2 and 8-10, the loss and
     gradients of all 16."""
     params, x, y = mlp["params"], mlp["x"], mlp["y"]
-    sampled = oek.Curvature(mlp["loss_fn"], max_curvature_terms=3)
+    sampled = oek.Curvature(
+        mlp["loss_fn"], max_curvature_terms=3, fisher_type="empirical"
+    )
     loss, grads, stats = oek.accumulated(sampled, 2)(params, x, y)
-    whole = oek.Curvature(mlp["loss_fn"], max_curvature_terms="all")
+    whole = oek.Curvature(
+        mlp["loss_fn"], max_curvature_terms="all", fisher_type="empirical"
+    )
     expected_loss, expected_grads, _ = whole.value_grad_and_stats(params, x, y)
     rows = jnp.array([0, 1, 2, 8, 9, 10])
     _, _, expected = whole.value_grad_and_stats(params, x[rows], y[rows])

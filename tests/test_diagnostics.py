@@ -90,7 +90,7 @@ def test_per_example_gradients_and_variance_match_vmap_grad(name):
     def loss_fn(params, x, y):
         return oek.softmax_cross_entropy(model.apply({"params": params}, x), y)
 
-    curvature = oek.Curvature(loss_fn)
+    curvature = oek.Curvature(loss_fn, fisher_type="empirical")
     layers = curvature.layers(params, x, y)
     _, grads, stats = jax.jit(curvature.value_grad_and_stats)(params, x, y)
 

@@ -58,7 +58,7 @@ def mlp_update():
     def loss_fn(params, x, y):
         return oek.softmax_cross_entropy(model.apply({"params": params}, x), y)
 
-    curvature = oek.Curvature(loss_fn)
+    curvature = oek.Curvature(loss_fn, fisher_type="empirical")
     layers = curvature.layers(params, x, y)
     _, grads, stats = curvature.value_grad_and_stats(params, x, y)
 
@@ -107,7 +107,7 @@ def test_bfloat16_layers_keep_float32_factors():
     def loss_fn(params, x, y):
         return oek.softmax_cross_entropy(model.apply({"params": params}, x), y)
 
-    curvature = oek.Curvature(loss_fn)
+    curvature = oek.Curvature(loss_fn, fisher_type="empirical")
     layers = curvature.layers(params, x, y)
     _, grads, stats = curvature.value_grad_and_stats(params, x, y)
     tx = oek.scale_by_ekfac(layers, eigh_dtype=jnp.float64)

@@ -28,7 +28,7 @@ from flax import nnx
 import optax_ekfac
 import optax_ekfac._src
 
-_MODULES = ["optax_ekfac", "optax_ekfac.nnx"] + [
+_MODULES = ["optax_ekfac", "optax_ekfac.losses", "optax_ekfac.nnx"] + [
     module.name
     for module in pkgutil.walk_packages(
         optax_ekfac._src.__path__, prefix="optax_ekfac._src."

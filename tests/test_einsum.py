@@ -107,7 +107,7 @@ def brute_force():
     def loss_fn(params, x, y):
         return oek.softmax_cross_entropy(model.apply({"params": params}, x), y)
 
-    curvature = oek.Curvature(loss_fn)
+    curvature = oek.Curvature(loss_fn, fisher_type="empirical")
     layers = curvature.layers(params, x, y)
     tx = oek.scale_by_ekfac(layers, damping=DAMPING)
     _, grads, stats = curvature.value_grad_and_stats(params, x, y)
@@ -234,7 +234,7 @@ def _linen_updates(equation, params):
     def loss_fn(params, x, y):
         return oek.softmax_cross_entropy(model.apply({"params": params}, x), y)
 
-    curvature = oek.Curvature(loss_fn)
+    curvature = oek.Curvature(loss_fn, fisher_type="empirical")
     layers = curvature.layers(params, x, y)
     assert [block.kind for block in layers.blocks] == [
         "Dense" if equation is None else "Einsum",
@@ -292,7 +292,7 @@ def _nnx_update(model):
     def loss_fn(model, x, y):
         return oek.softmax_cross_entropy(model(x), y)
 
-    curvature = oek.nnx.Curvature(loss_fn)
+    curvature = oek.nnx.Curvature(loss_fn, fisher_type="empirical")
     layers = curvature.layers(model, x, y)
     tx = oek.scale_by_ekfac(layers)
     params = nnx.state(model, nnx.Param)

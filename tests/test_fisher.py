@@ -368,7 +368,8 @@ def test_mc_without_a_key_samples_by_the_batch_and_needs_a_loss_helper():
     with pytest.raises(ValueError, match="called none of the loss helpers"):
         curvature.value_grad_and_stats(params, x, y, key=jax.random.key(0))
     # The empirical Fisher needs neither.
-    oek.Curvature(plain_optax_loss).value_grad_and_stats(params, x, y)
+    empirical = oek.Curvature(plain_optax_loss, fisher_type="empirical")
+    empirical.value_grad_and_stats(params, x, y)
 
 
 @pytest.mark.parametrize(
@@ -376,7 +377,7 @@ def test_mc_without_a_key_samples_by_the_batch_and_needs_a_loss_helper():
     [
         (dict(fisher_type="true"), "fisher_type"),
         (dict(fisher_type="mc", num_samples=0), "num_samples"),
-        (dict(num_samples=2), "applies to fisher_type='mc'"),
+        (dict(fisher_type="empirical", num_samples=2), "applies to fisher_type='mc'"),
     ],
 )
 def test_bad_settings_are_refused(settings, message):

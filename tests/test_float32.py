@@ -130,7 +130,7 @@ def problem(request):
     def loss_fn(params, x, y):
         return LOSSES[loss](model.apply({"params": params}, x), y)
 
-    curvature = oek.Curvature(loss_fn)
+    curvature = oek.Curvature(loss_fn, fisher_type="empirical")
     layers = curvature.layers(params, x, y)
     settings = dict(eigenvalue_correction=not kfac)
     injected = optax.inject_hyperparams(oek.scale_by_ekfac)(

@@ -137,7 +137,7 @@ def problem(request):
     """Statistics, per-example gradients and one update of each setting, all
     in one compiled function per problem."""
     model, params, batch, loss_fn = _problem(request.param)
-    curvature = oek.Curvature(loss_fn)
+    curvature = oek.Curvature(loss_fn, fisher_type="empirical")
     layers = curvature.layers(params, *batch)
     settings = {
         "exact": dict(),
@@ -221,7 +221,8 @@ def test_conv_patches_are_the_kernel_jacobian(conv):
         x.shape[0], -1, layer.features, kernel[..., 0].size, layer.features
     )
     curvature = oek.Curvature(
-        lambda p, x: model.apply({"params": p}, x).sum(-1, keepdims=True)
+        lambda p, x: model.apply({"params": p}, x).sum(-1, keepdims=True),
+        fisher_type="empirical",
     )
     block = curvature.layers(params, x).blocks[0]
     _, _, stats = curvature.value_grad_and_stats(params, x)
@@ -362,7 +363,7 @@ def test_chunking_changes_nothing_but_memory(problem):
 @pytest.mark.parametrize("name", ["embed", "tied"])
 def test_embed_per_position_scalings_equal_the_reference(name):
     _, params, batch, loss_fn = _problem(name)
-    curvature = oek.Curvature(loss_fn)
+    curvature = oek.Curvature(loss_fn, fisher_type="empirical")
     layers = curvature.layers(params, *batch)
     _, grads, stats = curvature.value_grad_and_stats(params, *batch)
     tx = oek.scale_by_ekfac(layers)
@@ -381,7 +382,7 @@ def test_embed_per_position_scalings_equal_the_reference(name):
 
 def test_reduce_sums_positions_before_the_outer_products():
     _, params, batch, loss_fn = _problem("attention")
-    curvature = oek.Curvature(loss_fn)
+    curvature = oek.Curvature(loss_fn, fisher_type="empirical")
     layers = curvature.layers(params, *batch)
     _, grads, stats = curvature.value_grad_and_stats(params, *batch)
     tx = oek.scale_by_ekfac(layers, weight_sharing="reduce")

@@ -158,7 +158,7 @@ def _first_update(dtype):
     def loss_fn(params, x, y):
         return oek.softmax_cross_entropy(model.apply({"params": params}, x), y)
 
-    curvature = oek.Curvature(loss_fn)
+    curvature = oek.Curvature(loss_fn, fisher_type="empirical")
     tx = oek.ekfac(
         curvature.layers(params, x, y),
         initial_damping=INITIAL_DAMPING,
@@ -216,7 +216,8 @@ def test_loss_model_of_a_bfloat16_model_computes_in_float32():
     def loss_fn(params, x, y):
         return oek.softmax_cross_entropy(logits_at(params), y)
 
-    _, _, stats = oek.Curvature(loss_fn).value_grad_and_stats(params, x, y)
+    curvature = oek.Curvature(loss_fn, fisher_type="empirical")
+    _, _, stats = curvature.value_grad_and_stats(params, x, y)
     loss_model = stats.loss_model
     vector = jax.tree.map(
         lambda leaf: jax.random.normal(jax.random.key(3), leaf.shape, dtype), params

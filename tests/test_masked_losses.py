@@ -73,7 +73,7 @@ def block_gradients(grads, name):
 
 @pytest.fixture(scope="module")
 def captured():
-    curvature = oek.Curvature(masked_loss_fn)
+    curvature = oek.Curvature(masked_loss_fn, fisher_type="empirical")
     layers = curvature.layers(PARAMS, IDS, TARGETS, MASK)
     loss, grads, stats = jax.jit(curvature.value_grad_and_stats)(
         PARAMS, IDS, TARGETS, MASK
@@ -226,7 +226,7 @@ def test_float32_masked_training_in_micro_batches_with_partial_ekfac():
     micro-batches, EKFAC on the Dense layers and Adam on the embedding,
     `optax_ekfac.TrainState`: the masked loss falls."""
     params = jax.tree.map(lambda leaf: leaf.astype(jnp.float32), PARAMS)
-    curvature = oek.Curvature(masked_loss_fn)
+    curvature = oek.Curvature(masked_loss_fn, fisher_type="empirical")
     layers = curvature.layers(params, IDS, TARGETS, MASK)
     labels = {name: "adam" if name == "Embed_0" else "ekfac" for name in params}
     tx = optax.multi_transform(

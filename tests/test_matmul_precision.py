@@ -62,7 +62,7 @@ def problem():
         logits = model.apply({"params": params}, tokens, images)
         return oek.softmax_cross_entropy(logits, labels)
 
-    curvature = oek.Curvature(loss_fn)
+    curvature = oek.Curvature(loss_fn, fisher_type="empirical")
     layers = curvature.layers(params, tokens, images, labels)
     _, grads, stats = curvature.value_grad_and_stats(params, tokens, images, labels)
     return dict(params=params, layers=layers, grads=grads, stats=stats)

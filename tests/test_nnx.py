@@ -118,8 +118,8 @@ def twins(request):
     def linen_loss(params, x, y):
         return oek.softmax_cross_entropy(linen_model.apply({"params": params}, x), y)
 
-    curvature = oek.nnx.Curvature(nnx_loss)
-    linen_curvature = oek.Curvature(linen_loss)
+    curvature = oek.nnx.Curvature(nnx_loss, fisher_type="empirical")
+    linen_curvature = oek.Curvature(linen_loss, fisher_type="empirical")
     layers = curvature.layers(model, *batch)
     linen_layers = linen_curvature.layers(params, *batch)
     tx = oek.scale_by_ekfac(linen_layers, damping=1e-2)
@@ -251,7 +251,7 @@ def test_nnx_optimizer_trains_under_one_compile():
     x = jax.random.normal(key_x, (12, 32, 8), jnp.float32)  # 12 batches of 32
     y = jnp.argmax(x @ jax.random.normal(key_w, (8, 4), jnp.float32), -1)
     model = Classifier(nnx.Rngs(0))
-    curvature = oek.nnx.Curvature(nnx_loss)
+    curvature = oek.nnx.Curvature(nnx_loss, fisher_type="empirical")
     layers = curvature.layers(model, x[0], y[0])
     assert [block.param_paths for block in layers.blocks] == [
         (("layers", "0", "kernel"), ("layers", "0", "bias")),
@@ -300,7 +300,7 @@ def test_other_state_is_updated_as_nnx_value_and_grad_does():
     twin = nnx.clone(model)
     x, y = _batch("mlp")
     x, y = x[:, :3].astype(jnp.float32), y % 2  # Noisy has two classes
-    curvature = oek.nnx.Curvature(nnx_loss)
+    curvature = oek.nnx.Curvature(nnx_loss, fisher_type="empirical")
 
     @nnx.jit
     def run(model, twin):
@@ -352,7 +352,9 @@ def test_layers_in_transforms_that_close_over_them_are_refused(model_class, name
     nnx.scan over a stack: tests/test_nnx_scan_remat.py.)"""
     model = model_class(nnx.Rngs(0))
     x = jnp.ones((2, 4))
-    curvature = oek.nnx.Curvature(lambda model, x: oek.squared_error(model(x), x))
+    curvature = oek.nnx.Curvature(
+        lambda model, x: oek.squared_error(model(x), x), fisher_type="empirical"
+    )
     message = f"{name}: this Dense layer runs inside a JAX transformation"
     with pytest.raises(ValueError, match=message):
         curvature.layers(model, x)
@@ -367,7 +369,9 @@ def test_wrt_leaves_frozen_layers_uncaptured():
     model = NnxMLP(nnx.Rngs(1))
     x, y = _batch("mlp")
     curvature = oek.nnx.Curvature(
-        nnx_loss, wrt=nnx.All(nnx.Param, nnx.PathContains("head"))
+        nnx_loss,
+        wrt=nnx.All(nnx.Param, nnx.PathContains("head")),
+        fisher_type="empirical",
     )
     layers = curvature.layers(model, x, y)
     assert [block.name for block in layers.blocks] == ["head"]
@@ -414,7 +418,7 @@ def test_micro_batches_give_the_whole_batch():
     statistics, and the loss model's loss and Gauss-Newton products."""
     model = NnxMLP(nnx.Rngs(1))
     x, y = _batch("mlp")
-    curvature = oek.nnx.Curvature(nnx_loss)
+    curvature = oek.nnx.Curvature(nnx_loss, fisher_type="empirical")
     accumulated = oek.accumulated(curvature, num_micro_batches=2)
     vectors = [
         jax.tree.map(
@@ -466,7 +470,7 @@ def test_micro_batches_carry_the_other_state_from_one_to_the_next():
     twin = nnx.clone(model)
     x, y = _batch("mlp")
     x, y = x[:, :3].astype(jnp.float32), y % 2  # Noisy has two classes
-    curvature = oek.nnx.Curvature(nnx_loss)
+    curvature = oek.nnx.Curvature(nnx_loss, fisher_type="empirical")
     accumulated = oek.accumulated(curvature, num_micro_batches=2)
 
     @nnx.jit

@@ -38,7 +38,7 @@ import optax_ekfac as oek
 BATCH = (IDS, TARGETS, MASK)
 
 
-CURVATURE = oek.Curvature(masked_loss_fn)
+CURVATURE = oek.Curvature(masked_loss_fn, fisher_type="empirical")
 LAYERS = CURVATURE.layers(PARAMS, *BATCH)
 LABELS = {name: "adam" if name == "Embed_0" else "ekfac" for name in PARAMS}
 statistics = jax.jit(CURVATURE.value_grad_and_stats)

@@ -80,7 +80,7 @@ def _linen_update(user_kind, params):
     def loss_fn(params, x, y):
         return oek.softmax_cross_entropy(model.apply({"params": params}, x), y)
 
-    curvature = oek.Curvature(loss_fn)
+    curvature = oek.Curvature(loss_fn, fisher_type="empirical")
     layers = curvature.layers(params, x, y)
     tx = oek.scale_by_ekfac(layers)
     _, grads, stats = curvature.value_grad_and_stats(params, x, y)
@@ -117,7 +117,7 @@ def _nnx_update(model):
     def loss_fn(model, x, y):
         return oek.softmax_cross_entropy(model(x), y)
 
-    curvature = oek.nnx.Curvature(loss_fn)
+    curvature = oek.nnx.Curvature(loss_fn, fisher_type="empirical")
     layers = curvature.layers(model, x, y)
     params = nnx.state(model, nnx.Param)
     tx = oek.scale_by_ekfac(layers)

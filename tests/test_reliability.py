@@ -39,7 +39,8 @@ def _batch(seed, num_examples=8, width=5, dtype=jnp.float64):
 
 def _curvature(model):
     return oek.Curvature(
-        lambda p, x, y: oek.softmax_cross_entropy(model.apply({"params": p}, x), y)
+        lambda p, x, y: oek.softmax_cross_entropy(model.apply({"params": p}, x), y),
+        fisher_type="empirical",
     )
 
 
@@ -196,7 +197,7 @@ def test_out_of_range_class_labels_are_refused_not_trained_on():
         logits = model.apply({"params": params}, x)
         return oek.softmax_cross_entropy(logits, labels, weights=mask)
 
-    curvature = oek.Curvature(loss_fn)
+    curvature = oek.Curvature(loss_fn, fisher_type="empirical")
     tx = oek.ekfac(curvature.layers(params, x, labels, mask))
 
     @jax.jit
@@ -350,7 +351,8 @@ def test_tiny_damping_gives_the_undamped_ekfac_direction():
     targets = jax.random.normal(jax.random.key(6), (256, 2), jnp.float64)
     params = model.init(jax.random.key(0), x)["params"]
     curvature = oek.Curvature(
-        lambda p, x, t: oek.squared_error(model.apply({"params": p}, x), t)
+        lambda p, x, t: oek.squared_error(model.apply({"params": p}, x), t),
+        fisher_type="empirical",
     )
     layers = curvature.layers(params, x, targets)
     _, grads, stats = curvature.value_grad_and_stats(params, x, targets)

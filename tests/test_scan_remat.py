@@ -142,7 +142,7 @@ def _stats_and_grads(model, params, fisher_type="empirical", checkpointed=False)
             _loss_fn(model, checkpointed), fisher_type=fisher_type, num_samples=2
         )
         if fisher_type == "mc"
-        else oek.Curvature(_loss_fn(model, checkpointed))
+        else oek.Curvature(_loss_fn(model, checkpointed), fisher_type="empirical")
     )
     batch = _batch()
     layers = curvature.layers(params, *batch)
@@ -309,7 +309,7 @@ def test_grouped_conv_and_embed_in_a_scan_equal_the_unrolled_twins(
         params = unrolled_params
         if scanned:
             params = _scanned_params(unrolled_params, "scan")
-        curvature = oek.Curvature(_loss_fn(model))
+        curvature = oek.Curvature(_loss_fn(model), fisher_type="empirical")
         layers = curvature.layers(params, *batch)
         tx = oek.scale_by_ekfac(layers, max_factor_dim=max_factor_dim, **SETTINGS)
         state = tx.init(params)
@@ -345,7 +345,7 @@ def test_adaptive_ekfac_on_a_scanned_model_equals_the_unrolled_twins():
 def test_scanned_model_trains_in_float32():
     params = jax.tree.map(lambda x: x.astype(jnp.float32), _init("scan_remat"))
     model = Model("scan_remat")
-    curvature = oek.Curvature(_loss_fn(model))
+    curvature = oek.Curvature(_loss_fn(model), fisher_type="empirical")
     layers = curvature.layers(params, *_batch())
     tx = oek.ekfac(layers, learning_rate=0.3)
     state = tx.init(params)
@@ -404,7 +404,8 @@ def test_vmapped_ensemble_is_one_block_per_member():
     def update(vmapped, params):
         model = Ensemble(vmapped)
         curvature = oek.Curvature(
-            lambda p, x, y: oek.softmax_cross_entropy(model.apply({"params": p}, x), y)
+            lambda p, x, y: oek.softmax_cross_entropy(model.apply({"params": p}, x), y),
+            fisher_type="empirical",
         )
         layers = curvature.layers(params, x, y)
         tx = oek.scale_by_ekfac(layers, damping=1e-3)
@@ -480,7 +481,8 @@ def test_transforms_sharing_parameters_are_refused_with_what_to_do(model, messag
     x = jnp.ones((2, 4))
     params = model.init(jax.random.key(0), x)["params"]
     curvature = oek.Curvature(
-        lambda p, x: oek.squared_error(model.apply({"params": p}, x), x)
+        lambda p, x: oek.squared_error(model.apply({"params": p}, x), x),
+        fisher_type="empirical",
     )
     with pytest.raises(ValueError, match=message):
         curvature.layers(params, x)

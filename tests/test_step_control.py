@@ -235,7 +235,7 @@ LINEN_PROBLEMS = {
 
 def statistics(problem):
     """`(grads, stats)` of `value_grad_and_stats` at the problem's params."""
-    curvature = oek.Curvature(problem.loss_fn)
+    curvature = oek.Curvature(problem.loss_fn, fisher_type="empirical")
     _, grads, stats = jax.jit(curvature.value_grad_and_stats)(
         problem.params, *problem.batch
     )
@@ -481,7 +481,8 @@ def test_curvature_products_of_an_nnx_model():
     def loss_fn(model, x, labels):
         return oek.softmax_cross_entropy(model(x), labels)
 
-    _, grads, stats = oek.nnx.Curvature(loss_fn).value_grad_and_stats(model, x, labels)
+    curvature = oek.nnx.Curvature(loss_fn, fisher_type="empirical")
+    _, grads, stats = curvature.value_grad_and_stats(model, x, labels)
     assert isinstance(grads, nnx.State)
     graphdef, params = nnx.split(model, nnx.Param)
 
@@ -860,7 +861,7 @@ def test_a_step_below_the_losss_round_off_is_taken_unjudged(case):
     the step is taken, the ratio and the counts of rejected and skipped
     steps stay as they were, and the damping falls by `ω`."""
     params, loss_fn, batch = fitted_float32_batch(case)
-    curvature = oek.Curvature(loss_fn)
+    curvature = oek.Curvature(loss_fn, fisher_type="empirical")
     tx = oek.ekfac(curvature.layers(params, *batch))
     loss, grads, stats = jax.jit(curvature.value_grad_and_stats)(params, *batch)
     state = tx.init(params)
@@ -1131,7 +1132,7 @@ def test_a_loss_without_the_loss_helpers_is_refused():
     def loss_fn(params, x, targets):
         return jnp.sum((model.apply({"params": params}, x) - targets) ** 2, -1)
 
-    curvature = oek.Curvature(loss_fn)
+    curvature = oek.Curvature(loss_fn, fisher_type="empirical")
     tx = oek.ekfac(curvature.layers(params, x, targets))
 
     def adaptive_step():
@@ -1178,7 +1179,7 @@ def float32_training(num_examples, num_steps=30):
     def loss_fn(params, x, labels):
         return oek.softmax_cross_entropy(model.apply({"params": params}, x), labels)
 
-    curvature = oek.Curvature(loss_fn)
+    curvature = oek.Curvature(loss_fn, fisher_type="empirical")
     tx = oek.ekfac(curvature.layers(params, x, labels))
     traces = []
 
@@ -1235,7 +1236,7 @@ def fresh_batch_training(num_steps, dtype=jnp.float32, input_scale=1.0, **settin
     def loss_fn(params, x, labels):
         return oek.softmax_cross_entropy(model.apply({"params": params}, x), labels)
 
-    curvature = oek.Curvature(loss_fn)
+    curvature = oek.Curvature(loss_fn, fisher_type="empirical")
     tx = oek.ekfac(curvature.layers(params, x[0], labels[0]), **settings)
 
     def train_step(carry, batch):
@@ -1289,7 +1290,7 @@ def test_a_zero_gradient_is_a_zero_step_with_the_statistics_updated():
     def loss_fn(params, x, targets):
         return oek.squared_error(model.apply({"params": params}, x), targets)
 
-    curvature = oek.Curvature(loss_fn)
+    curvature = oek.Curvature(loss_fn, fisher_type="empirical")
     tx = oek.ekfac(curvature.layers(params, x, targets), momentum=0.9)
     _, grads, stats = jax.jit(curvature.value_grad_and_stats)(params, x, targets)
     assert not np.any(flat(grads))

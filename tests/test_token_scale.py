@@ -128,7 +128,7 @@ def _positions_curvature(positions):
         logits = model.apply({"params": params}, tokens)
         return oek.softmax_cross_entropy(logits, tokens)
 
-    return oek.Curvature(loss_fn), params, tokens
+    return oek.Curvature(loss_fn, fisher_type="empirical"), params, tokens
 
 
 @pytest.mark.parametrize(

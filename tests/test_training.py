@@ -52,7 +52,8 @@ def digits():
         return oek.softmax_cross_entropy(model.apply({"params": params}, x), y)
 
     params = model.init(jax.random.key(0), x[:1])["params"]
-    curvature = oek.Curvature(loss_fn)
+    # The learning rate and damping above were swept with the empirical Fisher.
+    curvature = oek.Curvature(loss_fn, fisher_type="empirical")
     layers = curvature.layers(params, x[batches[0]], y[batches[0]])
     return dict(
         x=x,

@@ -30,7 +30,7 @@ def setup():
     def loss_fn(params, x, y):
         return oek.softmax_cross_entropy(model.apply({"params": params}, x), y)
 
-    curvature = oek.Curvature(loss_fn)
+    curvature = oek.Curvature(loss_fn, fisher_type="empirical")
     layers = curvature.layers(params, x, y)
     value_grad_and_stats = jax.jit(curvature.value_grad_and_stats)
 
@@ -227,7 +227,8 @@ def test_unowned_parameters_get_the_diagonal_fallback():
     x, y = _batch(8, seed=4)
     params = model.init(jax.random.key(0), x)["params"]
     curvature = oek.Curvature(
-        lambda p, x, y: oek.softmax_cross_entropy(model.apply({"params": p}, x), y)
+        lambda p, x, y: oek.softmax_cross_entropy(model.apply({"params": p}, x), y),
+        fisher_type="empirical",
     )
     layers = curvature.layers(params, x, y)
     damping = 1e-3
@@ -267,7 +268,8 @@ def test_updates_keep_the_gradients_dtype(dtype):
     y = jnp.array([0, 1, 2, 0])
     params = model.init(jax.random.key(0), x)["params"]
     curvature = oek.Curvature(
-        lambda p, x, y: oek.softmax_cross_entropy(model.apply({"params": p}, x), y)
+        lambda p, x, y: oek.softmax_cross_entropy(model.apply({"params": p}, x), y),
+        fisher_type="empirical",
     )
     tx = oek.ekfac_sgd(curvature.layers(params, x, y), learning_rate=0.1)
     _, grads, stats = curvature.value_grad_and_stats(params, x, y)
@@ -327,7 +329,8 @@ def test_missing_or_foreign_stats_are_refused(setup):
     wide = reference.MLP(features=(7, 3), use_bias=USE_BIAS)
     wide_params, _ = reference.init(wide, setup["batch"][0])
     wide_stats = oek.Curvature(
-        lambda p, x, y: oek.softmax_cross_entropy(wide.apply({"params": p}, x), y)
+        lambda p, x, y: oek.softmax_cross_entropy(wide.apply({"params": p}, x), y),
+        fisher_type="empirical",
     ).value_grad_and_stats(wide_params, *setup["batch"])[2]
     with pytest.raises(ValueError, match="stats for dense_0 have inputs"):
         tx.update(grads, state, setup["params"], stats=wide_stats)

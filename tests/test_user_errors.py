@@ -43,7 +43,7 @@ def training():
     model = _Mlp()
     x, y = _batch(0)
     params = model.init(jax.random.key(0), x)["params"]
-    curvature = oek.Curvature(_loss_fn(model))
+    curvature = oek.Curvature(_loss_fn(model), fisher_type="empirical")
     layers = curvature.layers(params, x, y)
     tx = oek.ekfac(layers, learning_rate=0.05, momentum=0.9, eigen_update_every=2)
 
@@ -158,9 +158,15 @@ def test_linen_has_aux_mistakes_say_what_to_change(method):
     x, y = _batch(0)
     params = model.init(jax.random.key(0), x)["params"]
     with pytest.raises(ValueError, match=FORGOT_HAS_AUX):
-        getattr(oek.Curvature(_with_aux(_loss_fn(model))), method)(params, x, y)
+        getattr(
+            oek.Curvature(_with_aux(_loss_fn(model)), fisher_type="empirical"),
+            method,
+        )(params, x, y)
     with pytest.raises(ValueError, match=NEEDLESS_HAS_AUX):
-        getattr(oek.Curvature(_loss_fn(model), has_aux=True), method)(params, x, y)
+        getattr(
+            oek.Curvature(_loss_fn(model), has_aux=True, fisher_type="empirical"),
+            method,
+        )(params, x, y)
 
 
 @pytest.mark.parametrize("method", ["layers", "value_grad_and_stats"])
@@ -172,9 +178,13 @@ def test_nnx_has_aux_mistakes_say_what_to_change(method):
         return oek.softmax_cross_entropy(model(x), y)
 
     with pytest.raises(ValueError, match=FORGOT_HAS_AUX):
-        getattr(oek.nnx.Curvature(_with_aux(loss_fn)), method)(model, x, y)
+        getattr(oek.nnx.Curvature(_with_aux(loss_fn), fisher_type="empirical"), method)(
+            model, x, y
+        )
     with pytest.raises(ValueError, match=NEEDLESS_HAS_AUX):
-        getattr(oek.nnx.Curvature(loss_fn, has_aux=True), method)(model, x, y)
+        getattr(
+            oek.nnx.Curvature(loss_fn, has_aux=True, fisher_type="empirical"), method
+        )(model, x, y)
 
 
 def test_nnx_has_aux_still_passes_aux_through():
@@ -184,7 +194,9 @@ def test_nnx_has_aux_still_passes_aux_through():
     def loss_fn(model, x, y):
         return oek.softmax_cross_entropy(model(x), y)
 
-    curvature = oek.nnx.Curvature(_with_aux(loss_fn), has_aux=True)
+    curvature = oek.nnx.Curvature(
+        _with_aux(loss_fn), has_aux=True, fisher_type="empirical"
+    )
     (loss, aux), _, _ = nnx.jit(curvature.value_grad_and_stats)(model, x, y)
     np.testing.assert_allclose(aux["mean"], loss)
 

@@ -54,7 +54,7 @@ def test_a_vocabulary_sized_head_trains_with_defaults_in_blocked_factors():
     def loss_fn(params, x, y):
         return oek.softmax_cross_entropy(model.apply({"params": params}, x), y)
 
-    curvature = oek.Curvature(loss_fn)
+    curvature = oek.Curvature(loss_fn, fisher_type="empirical")
     tx = oek.ekfac(curvature.layers(params, x, y))
     state = tx.init(params)
     restore_target = jax.eval_shape(tx.init, params)
@@ -108,7 +108,7 @@ def test_padding_stays_out_of_rank_deficient_blocks(eigenvalue_correction):
     def loss_fn(params, x, y):
         return oek.squared_error(model.apply({"params": params}, x), y)
 
-    curvature = oek.Curvature(loss_fn)
+    curvature = oek.Curvature(loss_fn, fisher_type="empirical")
     layers = curvature.layers(params, x, y)
     tx = oek.scale_by_ekfac(
         layers,
@@ -176,7 +176,7 @@ def _tiny_problem():
     def loss_fn(params, x, y):
         return oek.squared_error(model.apply({"params": params}, x), y)
 
-    curvature = oek.Curvature(loss_fn)
+    curvature = oek.Curvature(loss_fn, fisher_type="empirical")
     layers = curvature.layers(params, x, y)
     return curvature, layers, params, x, y
 

@@ -255,7 +255,7 @@ def precision(sizes: Sizes) -> dict[str, Any]:
     def loss_fn(params, x, y):
         return oek.softmax_cross_entropy(model.apply({"params": params}, x), y)
 
-    ekfac_curvature = oek.Curvature(loss_fn)
+    ekfac_curvature = oek.Curvature(loss_fn, fisher_type="empirical")
     layers = ekfac_curvature.layers(params, inputs, labels)
     tx = oek.scale_by_ekfac(layers, damping=DAMPING)
 
@@ -422,7 +422,7 @@ def sharding(sizes: Sizes) -> dict[str, Any]:
     # updates) don't depend on how round-off splits a null space.
     bench = wide_mlp(width, 2 * width * num_devices)
     x, y = bench.train
-    curvature_of = oek.Curvature(bench.loss_fn)
+    curvature_of = oek.Curvature(bench.loss_fn, fisher_type="empirical")
     layers = curvature_of.layers(bench.params, x, y)
     # A damping well above the round-off that a softmax's null direction
     # divides (see README, damping), so that a difference means a bug.

@@ -167,7 +167,7 @@ def profile_ekfac(
         name -> median milliseconds (the pieces, and the raw variants with a
         `variant/` prefix).
     """
-    curvature = oek.Curvature(loss_fn)
+    curvature = oek.Curvature(loss_fn, fisher_type="empirical")
     layers = curvature.layers(params, *batch)
     period = 1000  # eigen_update_every of the statistics-only variants
 

@@ -150,7 +150,7 @@ def measure(problem: specs.Problem, rounds: int) -> LayerCost:
     """Step times (taking turns) and compiled memory of every variant."""
     train = jax.device_put(problem.train)
     batch = problem.train
-    curvature = oek.Curvature(problem.loss_fn)
+    curvature = oek.Curvature(problem.loss_fn, fisher_type="empirical")
     layers = curvature.layers(problem.params, *batch)
     indices = [jax.device_put(np.arange(problem.batch_size, dtype=np.int32))]
     _, grads, stats = jax.jit(curvature.value_grad_and_stats)(problem.params, *batch)

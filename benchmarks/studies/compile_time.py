@@ -126,7 +126,7 @@ def measure(step: Callable, args: Sequence[Any]) -> Measurement:
 
 def _steps(loss_fn: Callable, params: Any, batch: tuple) -> dict[str, tuple]:
     """Piece name -> `(step, args)`: a fresh train step and its arguments."""
-    empirical = oek.Curvature(loss_fn)
+    empirical = oek.Curvature(loss_fn, fisher_type="empirical")
     sampled = oek.Curvature(loss_fn, fisher_type="mc")
     layers = empirical.layers(params, *batch)
 

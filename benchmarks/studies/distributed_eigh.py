@@ -109,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> BenchmarkResult:
     def loss_fn(params, x, y):
         return oek.softmax_cross_entropy(model.apply({"params": params}, x), y)
 
-    curvature = oek.Curvature(loss_fn)
+    curvature = oek.Curvature(loss_fn, fisher_type="empirical")
     layers = curvature.layers(params, x, y)
     mesh = jax.make_mesh((len(devices),), (AXIS,), devices=devices)
     replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P(AXIS))

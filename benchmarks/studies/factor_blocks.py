@@ -49,7 +49,7 @@ def _update_seconds(max_factor_dim: int, repeats: int) -> dict[str, float]:
     def loss_fn(params, x, y):
         return oek.softmax_cross_entropy(model.apply({"params": params}, x), y)
 
-    curvature_ = oek.Curvature(loss_fn)
+    curvature_ = oek.Curvature(loss_fn, fisher_type="empirical")
     layers = curvature_.layers(params, x, y)
     tx = oek.scale_by_ekfac(layers, max_factor_dim=max_factor_dim)
     _, grads, stats = jax.jit(curvature_.value_grad_and_stats)(params, x, y)

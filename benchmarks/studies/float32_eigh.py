@@ -82,7 +82,7 @@ def states(x, y, loss: str, dtype: Any, kfac: bool, eigh_dtype: Any = None):
     def loss_fn(params, x, y):
         return LOSSES[loss](model.apply({"params": params}, x), y)
 
-    curvature = oek.Curvature(loss_fn)
+    curvature = oek.Curvature(loss_fn, fisher_type="empirical")
     layers = curvature.layers(params, x, y)
     tx = oek.scale_by_ekfac(
         layers, eigenvalue_correction=not kfac, eigh_dtype=eigh_dtype

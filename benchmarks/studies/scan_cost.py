@@ -105,7 +105,7 @@ def _train_step(model: nn.Module, params: Any, tokens, targets, optimizer: str):
             return optax.apply_updates(params, updates), opt_state, loss
 
         return step, tx.init(params)
-    curvature = oek.Curvature(loss_fn)
+    curvature = oek.Curvature(loss_fn, fisher_type="empirical")
     layers = curvature.layers(params, tokens, targets)
     tx = oek.ekfac_sgd(
         layers, learning_rate=1e-2, eigen_update_every=EIGEN_UPDATE_EVERY

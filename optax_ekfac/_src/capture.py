@@ -35,6 +35,7 @@ over the layers, both the output gradients and the inputs.
 
 import math
 import numbers
+import warnings
 from collections.abc import Callable
 from typing import Any, Literal, get_args
 
@@ -56,12 +57,12 @@ from optax_ekfac._src.interceptor import (
     with_stacks,
 )
 from optax_ekfac._src.loss_model import LossModel
-from optax_ekfac._src.losses import recorded_weights, sampling
+from optax_ekfac._src.losses import marked_predictions, recorded_weights, sampling
 from optax_ekfac._src.options import DEFAULTS
 from optax_ekfac._src.sharding import example_shards, leading_examples, sharding_of
 from optax_ekfac._src.statistics import LayerStats, Statistics
 
-FisherType = Literal["empirical", "mc"]
+FisherType = Literal["auto", "empirical", "mc"]
 FISHER_TYPES = get_args(FisherType)
 
 # The default bound on the loss terms the curvature comes from: at least this
@@ -84,22 +85,26 @@ class Curvature:
             `jax.checkpoint` are captured; a scanned module is one block per
             layer, stacked (`Block.stack`).
         has_aux: `loss_fn` returns `(losses, aux)`; `aux` is passed through.
-        fisher_type: which Fisher the statistics estimate. `"empirical"`: the
-            output gradients of the data's labels. `"mc"`: the true Fisher,
-            from labels sampled from the model's predictive distribution; the
-            losses must come from this library's helpers
-            (`softmax_cross_entropy`, `squared_error`,
-            `sigmoid_binary_cross_entropy`), which say what to sample, with
-            a `key` passed to `value_grad_and_stats` (or one derived from the
-            batch). Recommended with the adaptive `ekfac`: for a squared
-            error the empirical Fisher shrinks with the residuals, and the
-            sampled one does not. Every helper call inside
-            `loss_fn` is a term of the sampled loss (a mask or weights reach
-            it through the helpers' `weights`, not when applied to the
-            returned losses). The loss and gradients returned are the data's
-            in both cases.
-        num_samples: `S`, label samples per loss term for `"mc"`; the
-            statistics hold them as `S * N` examples.
+        fisher_type: which Fisher the statistics estimate. `"auto"` (the
+            default): `"mc"` where `loss_fn` computes its losses with this
+            library's helpers (`softmax_cross_entropy`, `squared_error`,
+            `sigmoid_binary_cross_entropy`, or any loss wrapped with
+            `per_example_loss`), else `"empirical"` with a warning that
+            names the remedy. `"empirical"`: the output gradients of the
+            data's labels. `"mc"`: the true Fisher (the Gauss-Newton matrix
+            for a `per_example_loss`), from output gradients sampled from
+            the model's predictive distribution, which the helpers know,
+            with a `key` passed to `value_grad_and_stats` (or one derived
+            from the batch); it needs the helpers. The sampled Fisher is
+            the one for the adaptive `ekfac`: with the empirical one it needs
+            many times more steps (for a squared error the empirical Fisher
+            shrinks with the residuals, and the sampled one does not). Every
+            helper call inside `loss_fn` is a term of the sampled loss (a
+            mask or weights reach it through the helpers' `weights`, not
+            when applied to the returned losses). The loss and gradients
+            returned are the data's in every case.
+        num_samples: `S`, label samples per loss term for the sampled
+            Fisher; the statistics hold them as `S * N` examples.
         max_curvature_terms: at most this many loss terms of each batch (a
             `[B, T]` token loss has `B * T`; times `S` label samples) give
             the curvature: the statistics (factors, scalings, the sampled
@@ -121,12 +126,12 @@ class Curvature:
         >>> def loss_fn(params, x, y):
         ...     logits = model.apply({"params": params}, x)
         ...     return optax_ekfac.softmax_cross_entropy(logits, y)
-        >>> curvature = optax_ekfac.Curvature(loss_fn)
+        >>> curvature = optax_ekfac.Curvature(loss_fn)  # the sampled Fisher
         >>> layers = curvature.layers(params, x, y)
-        >>> loss, grads, stats = curvature.value_grad_and_stats(params, x, y)
-        >>> sampled = optax_ekfac.Curvature(loss_fn, fisher_type="mc")
-        >>> loss, grads, stats = sampled.value_grad_and_stats(
+        >>> loss, grads, stats = curvature.value_grad_and_stats(
         ...     params, x, y, key=jax.random.key(0))
+        >>> empirical = optax_ekfac.Curvature(loss_fn, fisher_type="empirical")
+        >>> loss, grads, stats = empirical.value_grad_and_stats(params, x, y)
     """
 
     loss_fn: Callable[..., Any]
@@ -140,7 +145,7 @@ class Curvature:
         loss_fn: Callable[..., Any],
         *,
         has_aux: bool = False,
-        fisher_type: FisherType = "empirical",
+        fisher_type: FisherType = "auto",
         num_samples: int = 1,
         max_curvature_terms: int | Literal["all"] | None = None,
     ):
@@ -215,6 +220,37 @@ class Curvature:
     def _uncaptured_losses(self, params, batch) -> jax.Array:
         """The losses alone, nothing recorded (the `LossModel`'s function)."""
         return self._losses(params, batch, Interceptor())[0]
+
+    def _resolved_fisher_type(self, params, batch) -> Literal["empirical", "mc"]:
+        """`fisher_type`, `"auto"` resolved from what `loss_fn` calls (traced
+        for shapes only)."""
+        if self.fisher_type != "auto":
+            return self.fisher_type
+        with marked_predictions() as marked:
+            jax.eval_shape(self._uncaptured_losses, params, batch)
+        if marked.predictions:
+            return "mc"
+        if self.num_samples != 1:
+            raise ValueError(
+                f"Curvature: num_samples={self.num_samples} needs the sampled "
+                "Fisher, and loss_fn computes its losses without optax_ekfac's "
+                "loss helpers, which say what to sample: wrap the loss with "
+                "optax_ekfac.per_example_loss (e.g. per_example_loss("
+                "optax.huber_loss)), or use fisher_type='empirical' without "
+                "num_samples."
+            )
+        warnings.warn(
+            "Curvature: loss_fn computes its losses without optax_ekfac's loss "
+            "helpers (softmax_cross_entropy, squared_error, "
+            "sigmoid_binary_cross_entropy) or per_example_loss, so the "
+            "curvature falls back to the empirical Fisher, with which the "
+            "adaptive ekfac needs many times more steps. Wrap the loss with "
+            "optax_ekfac.per_example_loss (e.g. per_example_loss("
+            "optax.huber_loss)) for the sampled Fisher, or pass "
+            "fisher_type='empirical' to choose the empirical one.",
+            stacklevel=3,
+        )
+        return "empirical"
 
     def _trace_calls(self, params, batch) -> tuple[list[Call], jax.ShapeDtypeStruct]:
         """The block calls and the losses' shape, from shapes alone."""
@@ -301,7 +337,7 @@ class Curvature:
         Args:
             params: the model's `"params"` collection.
             *batch: the arguments `loss_fn` takes after `params`.
-            key: a `jax.random` key for `fisher_type="mc"`, a fresh one every
+            key: a `jax.random` key for the sampled Fisher, a fresh one every
                 step; None derives one from the batch's contents (a hash of
                 its bits), so that a loop without keys samples new labels for
                 every new batch (the same batch seen again gets the same
@@ -311,20 +347,23 @@ class Curvature:
             `(loss, grads, stats)`: `loss = mean(l)` (`(loss, aux)` with
             `has_aux`), `grads` its gradient with respect to `params`, and
             the `Statistics` that `scale_by_ekfac` takes as `stats=`. With
-            `"mc"` and `S = num_samples`, every call's `inputs` are tiled `S`
-            times along axis 0 and its `output_grads` are those of the sampled
-            labels, `[S * N, ...]` (sample-major); `num_terms` stays `N`.
+            the sampled Fisher and `S = num_samples`, every call's `inputs`
+            are tiled `S` times along axis 0 and its `output_grads` are those
+            of the sampled labels, `[S * N, ...]` (sample-major); `num_terms` stays `N`.
             Where the batch has more loss terms than `max_curvature_terms`, the
             statistics are those of the sample (`num_terms` its terms,
             `num_batch_terms` the batch's) and `loss` and `grads` the whole
             batch's.
         """
-        if self.fisher_type == "mc" and key is None:
+        fisher_type = self._resolved_fisher_type(params, batch)
+        if fisher_type == "mc" and key is None:
             key = _key_of_batch(batch)
         calls, losses = self._trace_calls(params, batch)
         sample = self._curvature_sample(params, batch, calls, losses.shape)
         if sample is None:
-            loss, aux, grads, stats = self._captured(params, batch, calls, losses, key)
+            loss, aux, grads, stats = self._captured(
+                params, batch, calls, losses, key, fisher_type
+            )
         else:
             # The loss and gradients of the whole batch, nothing captured; the
             # curvature of the sample (its gradients are unused: jit drops them).
@@ -332,7 +371,9 @@ class Curvature:
                 self._mean_loss, has_aux=True
             )(params, batch)
             sample_calls, sample_losses = self._trace_calls(params, sample)
-            *_, stats = self._captured(params, sample, sample_calls, sample_losses, key)
+            *_, stats = self._captured(
+                params, sample, sample_calls, sample_losses, key, fisher_type
+            )
             stats = stats._replace(
                 num_batch_terms=losses.size if weights_sum is None else weights_sum
             )
@@ -373,8 +414,9 @@ class Curvature:
 
         return jax.tree.map(sampled, batch)
 
-    def _captured(self, params, batch, calls, losses, key):
-        """`(loss, aux, grads, stats)` of `batch`, the statistics of every row."""
+    def _captured(self, params, batch, calls, losses, key, fisher_type):
+        """`(loss, aux, grads, stats)` of `batch`, the statistics of every row
+        (`fisher_type` resolved: `"empirical"` or `"mc"`)."""
         direct = tuple(
             # In the output's sharding: under an explicit mesh the cotangent
             # takes the perturbation's type, and a replicated one would gather
@@ -394,7 +436,7 @@ class Curvature:
                     zip(call.entry_names, call.entries())
                 )
         perturbations = (direct, entries)
-        if self.fisher_type == "mc":
+        if fisher_type == "mc":
             loss, aux, grads, inputs, all_output_grads, weights_sum = (
                 self._sampled_pass(params, batch, perturbations, key, calls)
             )
@@ -414,7 +456,7 @@ class Curvature:
             )
             inputs, output_cotangents = per_call(calls, direct_inputs, cotangents)
         num_terms = losses.size if weights_sum is None else weights_sum
-        if self.fisher_type != "mc":
+        if fisher_type != "mc":
             # d(mean l)/dy_n is (1/N) dl_n/dy_n (weighted: (w_n/N) dl_n/dy_n).
             all_output_grads = tuple(
                 cotangent * jnp.asarray(num_terms, cotangent.dtype)
@@ -456,7 +498,8 @@ class Curvature:
                     "Curvature(fisher_type='mc'): loss_fn called none of the "
                     "loss helpers that say which distribution to sample labels "
                     "from (optax_ekfac.softmax_cross_entropy, squared_error, "
-                    "sigmoid_binary_cross_entropy). Compute the losses with "
+                    "sigmoid_binary_cross_entropy, or a loss wrapped with "
+                    "optax_ekfac.per_example_loss). Compute the losses with "
                     "them, or use fisher_type='empirical'."
                 )
             recorded = (tuple(interceptor.inputs), aux, interceptor.weights_sum)
@@ -489,13 +532,15 @@ class Curvature:
 
         def sampled_output_grads(sample_indicator):
             # In the sampled losses' type: under an explicit mesh a cotangent
-            # must carry its output's sharding.
+            # must carry its output's sharding, and its dtype is theirs even
+            # where loss_fn's losses have another (a float64 loss of float32
+            # outputs).
             sample_cotangents = tuple(
                 jnp.broadcast_to(
                     sample_indicator.reshape((-1,) + (1,) * scale.ndim) * scale,
                     sampled.shape,
                     out_sharding=sharding_of(sampled),
-                )
+                ).astype(sampled.dtype)
                 for scale, sampled in zip(sampled_scales, sampled_losses)
             )
             cotangents = backward((jnp.zeros_like(losses), sample_cotangents))[1]

@@ -21,7 +21,9 @@ model's dtype (the model itself runs as written).
 `H` is taken from the loss `loss_fn` actually returns, so a scale, weights or
 a mask applied to the helpers' losses are part of it; the predictions are
 those of this library's loss helpers (`softmax_cross_entropy`,
-`squared_error`, `sigmoid_binary_cross_entropy`), which mark them.
+`squared_error`, `sigmoid_binary_cross_entropy`, and any loss wrapped with
+`per_example_loss`, whose Hessian at the predictions has its negative
+eigenvalues clipped to 0), which mark them.
 """
 
 import dataclasses
@@ -106,7 +108,10 @@ class LossModel:
                 "to the model's outputs, and loss_fn called none of the loss "
                 "helpers that mark them (optax_ekfac.softmax_cross_entropy, "
                 "squared_error, sigmoid_binary_cross_entropy). Compute the "
-                "losses with them, or pass ekfac a learning_rate (and damping)."
+                "losses with them, wrap your own loss of the outputs with "
+                "optax_ekfac.per_example_loss (e.g. per_example_loss("
+                "optax.huber_loss)), or pass ekfac a learning_rate (and "
+                "damping)."
             )
         # One call per direction, not a vmap over them: vmapped, the tangents
         # of the parameters make every matmul a batched one, which XLA's CPU

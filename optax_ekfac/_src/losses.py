@@ -8,7 +8,11 @@ per leading index and never reduces over examples. The last axis of
 
 Each helper is the negative log-likelihood of a distribution (categorical,
 unit-variance Gaussian, independent Bernoulli), which is what makes the
-empirical Fisher of these losses a Fisher.
+empirical Fisher of these losses a Fisher. `per_example_loss` makes any other
+loss of the outputs a helper: its curvature is the Gauss-Newton matrix, from
+autodiff of the loss at the outputs, and its Monte-Carlo Fisher samples
+output gradients `L z` (`z ~ N(0, I)`, `L Lᵀ` the clipped output Hessian)
+instead of labels.
 
 For the Monte-Carlo Fisher (`Curvature(..., fisher_type="mc")`) the capture
 runs `loss_fn` inside `sampling(key, num_samples)`. While that context is
@@ -46,7 +50,9 @@ perturbations, whatever `loss_fn` does with the helpers' losses afterwards
 import contextlib
 import contextvars
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -231,16 +237,28 @@ def _weighted(
     negative_log_likelihood: Callable[[jax.Array, jax.Array], jax.Array],
     weights,
     invalid_terms: jax.Array | None = None,
+    perturbed_losses: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
 ) -> jax.Array:
     """The helpers' common tail: marks the predictions, records sampled
     losses and returns `w * losses(marked predictions)` (the losses plus the
     sampling's loss perturbation, if any, before the weights).
 
+    `perturbed_losses(predictions, perturbation)`, if given, replaces
+    `losses(predictions + perturbation)` inside `marked_predictions`: the
+    losses whose Hessian with respect to the perturbation the Gauss-Newton
+    products take.
+
     `invalid_terms` (a bool per loss term, or None) marks terms whose labels
     have no loss: their losses are multiplied by NaN, so that the loss and
     the gradients are NaN, unless their weight is 0 (padding)."""
-    predictions = _marked(predictions)
-    result = losses(predictions)
+    predictions, perturbation = _marked_parts(predictions)
+    if perturbation is None:
+        result = losses(predictions)
+    elif perturbed_losses is None:
+        predictions = predictions + perturbation
+        result = losses(predictions)
+    else:
+        result = perturbed_losses(predictions, perturbation)
     term_weights = _term_weights(name, result, weights)
     if invalid_terms is not None:
         if term_weights is not None:
@@ -248,25 +266,26 @@ def _weighted(
         # A factor, not a replaced value: the gradients are NaN too, so every
         # optimizer, not only the adaptive step, sees a non-finite step.
         result = result * jnp.where(invalid_terms, jnp.nan, 1).astype(result.dtype)
-    perturbation = _record_sampled_losses(
+    loss_perturbation = _record_sampled_losses(
         predictions, sample, negative_log_likelihood
     )
-    if perturbation is not None:
-        result = result + perturbation
+    if loss_perturbation is not None:
+        result = result + loss_perturbation
     return result if term_weights is None else term_weights * result
 
 
-def _marked(predictions: jax.Array) -> jax.Array:
-    """Inside `marked_predictions`: records `predictions`, returns them
-    perturbed; outside, returns them as they are."""
+def _marked_parts(predictions: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    """Inside `marked_predictions`: records `predictions`, returns them and
+    their perturbation (None when it perturbs nothing); outside, returns
+    `(predictions, None)`."""
     active = _ACTIVE_PREDICTIONS.get()
     if active is None:
-        return predictions
+        return predictions, None
     index = len(active.predictions)
     active.predictions.append(predictions)
     if active.perturbations is None:
-        return predictions
-    return predictions + active.perturbations[index]
+        return predictions, None
+    return predictions, active.perturbations[index]
 
 
 def _record_sampled_losses(
@@ -506,6 +525,199 @@ def sigmoid_binary_cross_entropy(
         _bernoulli_nll,
         weights,
     )
+
+
+def per_example_loss(fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+    """Makes any loss of the model's outputs a loss the curvature understands.
+
+    Wraps a loss function `fn(outputs, *args, **kwargs)`, e.g.
+    `optax.huber_loss`, `optax.l2_loss`, `optax.sigmoid_binary_cross_entropy`,
+    `optax.softmax_cross_entropy_with_integer_labels` or a user's own
+    function, into a helper like `softmax_cross_entropy`: the returned
+    `loss(outputs, *args, weights=None, **kwargs)` gives one loss per term
+    and works with the Monte-Carlo Fisher (`Curvature(fisher_type="mc")`,
+    the default where the losses come from such helpers), the empirical
+    Fisher, per-term `weights`, and the adaptive `ekfac`'s Gauss-Newton
+    products.
+
+    The last axis of `outputs` is the event axis, as for the helpers. `fn`
+    returns either one loss per output (the outputs' shape, like
+    `optax.huber_loss`): these are taken as elementwise (output `i`'s loss
+    depends on output `i` alone) and summed over the last axis; or one loss
+    per term (the outputs' shape without the last axis, like
+    `optax.softmax_cross_entropy`). A loss per output that couples outputs
+    must be summed over the last axis by `fn` itself.
+
+    The curvature is the Gauss-Newton matrix `Jᵀ H J` of the loss, `H` the
+    Hessian of each term's loss with respect to its outputs, from autodiff,
+    with its negative eigenvalues clipped to 0 (the Gauss-Newton matrix of a
+    loss that is not convex in the outputs is then still positive
+    semi-definite). The Monte-Carlo Fisher samples each term's output
+    gradient as `L z`, `z ~ N(0, I)`, with `H = L Lᵀ` from an
+    eigendecomposition, so its expectation is `H` (for a negative
+    log-likelihood whose Hessian is its Fisher, as for the cross-entropies,
+    this is that Fisher). An elementwise loss has a diagonal `H` (one
+    Hessian-vector product); a per-term loss over `D` outputs takes `D`
+    Hessian-vector products and a `D x D` eigendecomposition per term, so
+    for a softmax over many classes `softmax_cross_entropy` is cheaper.
+
+    Args:
+        fn: `fn(outputs, *args, **kwargs)` -> losses of shape
+            `outputs.shape` or `outputs.shape[:-1]`, differentiable twice in
+            `outputs`.
+
+    Returns:
+        `loss(outputs, *args, weights=None, **kwargs)` -> `[...]` losses
+        (`outputs.shape[:-1]`, times `weights`); `weights` as for
+        `softmax_cross_entropy`.
+
+    Raises:
+        ValueError (when the returned loss is called): `outputs` has no
+            event axis, or `fn` returns losses of another shape.
+
+    Example:
+        >>> huber = optax_ekfac.per_example_loss(optax.huber_loss)
+        >>> huber(jnp.ones((4, 3)), jnp.zeros((4, 3))).shape
+        (4,)
+        >>> smoothed = optax_ekfac.per_example_loss(
+        ...     lambda logits, labels: optax.softmax_cross_entropy(
+        ...         logits, optax.smooth_labels(jax.nn.one_hot(labels, 3), 0.1)))
+        >>> smoothed(jnp.zeros((2, 3)), jnp.array([0, 2])).shape
+        (2,)
+    """
+    name = f"per_example_loss({_function_name(fn)})"
+
+    def loss(
+        outputs: jax.Array,
+        *args: Any,
+        weights: jax.Array | None = None,
+        **kwargs: Any,
+    ) -> jax.Array:
+        outputs = jnp.asarray(outputs)
+        if outputs.ndim < 2:
+            raise ValueError(
+                f"{name}: outputs need a batch axis and an event axis (the last "
+                f"one); got shape {outputs.shape}. For one output per example "
+                "use shape [N, 1]."
+            )
+        elementwise = _loss_layout(name, fn, outputs, args, kwargs)
+
+        def term_losses(outputs: jax.Array) -> jax.Array:
+            losses = jnp.asarray(fn(outputs, *args, **kwargs))
+            return jnp.sum(losses, axis=-1) if elementwise else losses
+
+        def factor(outputs: jax.Array) -> jax.Array:
+            return _hessian_factor(term_losses, outputs, elementwise)
+
+        def sample(key: jax.Array, outputs: jax.Array, num_samples: int):
+            noise = _standard_normal(key, (num_samples,) + outputs.shape, outputs.dtype)
+            return _factor_times(factor(outputs), noise, elementwise)
+
+        def perturbed_losses(outputs: jax.Array, perturbation: jax.Array):
+            # The second-order model of the losses at outputs + perturbation,
+            # with the clipped Hessian: what the sampled Fisher estimates. In
+            # the perturbation's dtype, as outputs + perturbation would be (a
+            # bfloat16 model's losses in float32 for the step control).
+            outputs = outputs.astype(jnp.result_type(outputs, perturbation))
+            fixed = jax.lax.stop_gradient(outputs)
+            gradient = jax.grad(lambda o: jnp.sum(term_losses(o)))(fixed)
+            projected = _factor_transpose_times(
+                jax.lax.stop_gradient(factor(fixed)), perturbation, elementwise
+            )
+            return (
+                term_losses(outputs)
+                + jnp.sum(jax.lax.stop_gradient(gradient) * perturbation, axis=-1)
+                + jnp.sum(projected**2, axis=-1) / 2
+            )
+
+        return _weighted(
+            name,
+            outputs,
+            term_losses,
+            sample,
+            _linear_in_outputs,
+            weights,
+            perturbed_losses=perturbed_losses,
+        )
+
+    loss.__name__ = loss.__qualname__ = name
+    return loss
+
+
+def _function_name(fn: Callable[..., Any]) -> str:
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return getattr(fn, "__name__", type(fn).__name__)
+
+
+def _loss_layout(name, fn, outputs, args, kwargs) -> bool:
+    """Whether `fn` gives one loss per output (True) or per term (False);
+    raises a ValueError for any other shape."""
+    shape = jax.eval_shape(lambda o: fn(o, *args, **kwargs), outputs).shape
+    if shape == outputs.shape:
+        return True
+    if shape == outputs.shape[:-1]:
+        return False
+    raise ValueError(
+        f"{name}: the function must return one loss per output (shape "
+        f"{outputs.shape}, summed over the last axis) or one per term (shape "
+        f"{outputs.shape[:-1]}); for outputs of shape {outputs.shape} it "
+        f"returned shape {shape}. Return unreduced losses."
+    )
+
+
+def _hessian_factor(
+    term_losses: Callable[[jax.Array], jax.Array],
+    outputs: jax.Array,
+    elementwise: bool,
+) -> jax.Array:
+    """`L` with `L Lᵀ` each term's Hessian with respect to its outputs, its
+    negative eigenvalues clipped to 0: `[..., D]` (the diagonal of `L`) for
+    an elementwise loss, else `[..., D, D]`."""
+    gradient = jax.grad(lambda o: jnp.sum(term_losses(o)))
+    if elementwise:
+        # A diagonal Hessian: its product with ones is its diagonal.
+        diagonal = jax.jvp(gradient, (outputs,), (jnp.ones_like(outputs),))[1]
+        return jnp.sqrt(jnp.maximum(diagonal, 0))
+
+    def column(unit: jax.Array) -> jax.Array:
+        # Terms don't share outputs: one product gives column j of every
+        # term's Hessian.
+        return jax.jvp(gradient, (outputs,), (jnp.zeros_like(outputs) + unit,))[1]
+
+    columns = jax.vmap(column)(jnp.eye(outputs.shape[-1], dtype=outputs.dtype))
+    hessians = jnp.moveaxis(columns, 0, -1)
+    hessians = (hessians + jnp.swapaxes(hessians, -1, -2)) / 2
+    # At least float32: there is no eigh of bfloat16 or float16.
+    precise = hessians.astype(jnp.promote_types(hessians.dtype, jnp.float32))
+    eigenvalues, eigenvectors = jnp.linalg.eigh(precise)
+    factor = eigenvectors * jnp.sqrt(jnp.maximum(eigenvalues, 0))[..., None, :]
+    return factor.astype(hessians.dtype)
+
+
+def _factor_times(factor: jax.Array, vectors: jax.Array, elementwise: bool):
+    """`L v` per term, for `vectors` `[S, ..., D]`."""
+    if elementwise:
+        return factor * vectors
+    return jnp.sum(factor * vectors[..., None, :], axis=-1)
+
+
+def _factor_transpose_times(factor: jax.Array, vectors: jax.Array, elementwise: bool):
+    """`Lᵀ v` per term, for `vectors` `[..., D]`."""
+    if elementwise:
+        return factor * vectors
+    return jnp.sum(factor * vectors[..., :, None], axis=-2)
+
+
+def _standard_normal(key: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
+    """The noise `z ~ N(0, I)` that `per_example_loss` samples with."""
+    return jax.random.normal(key, shape, dtype)
+
+
+def _linear_in_outputs(outputs: jax.Array, output_gradients: jax.Array):
+    """A sampled term of `per_example_loss`: its gradient with respect to
+    the outputs is the sampled output gradient."""
+    return jnp.sum(outputs * output_gradients, axis=-1)
 
 
 def _gaussian_nll(predictions: jax.Array, targets: jax.Array) -> jax.Array:

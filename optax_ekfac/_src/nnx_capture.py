@@ -69,15 +69,19 @@ class Curvature:
             `nnx.Optimizer(model, tx, wrt=...)`. Layers whose parameters it
             leaves out are not captured.
         fisher_type: which Fisher the statistics estimate, as for
-            `optax_ekfac.Curvature`. `"empirical"`: the output gradients of
-            the data's labels. `"mc"`: the true Fisher, from labels sampled
-            from the model's predictive distribution; the losses must come
-            from this library's helpers (`softmax_cross_entropy`,
-            `squared_error`, `sigmoid_binary_cross_entropy`) and
-            `value_grad_and_stats` needs a `key`. The loss and gradients
-            returned are the data's in both cases.
-        num_samples: `S`, label samples per loss term for `"mc"`; the
-            statistics hold them as `S * N` examples.
+            `optax_ekfac.Curvature`. `"auto"` (the default): `"mc"` where
+            the losses come from this library's helpers
+            (`softmax_cross_entropy`, `squared_error`,
+            `sigmoid_binary_cross_entropy`, `per_example_loss`), else
+            `"empirical"` with a warning. `"empirical"`: the output
+            gradients of the data's labels. `"mc"`: the true Fisher (the
+            Gauss-Newton matrix for a `per_example_loss`), from output
+            gradients sampled from the model's predictive distribution
+            (with a `key` for `value_grad_and_stats`, or one derived from
+            the batch). The loss and gradients returned are the data's in
+            every case.
+        num_samples: `S`, label samples per loss term for the sampled
+            Fisher; the statistics hold them as `S * N` examples.
         max_curvature_terms: at most this many loss terms of each batch give
             the curvature, as for `optax_ekfac.Curvature` (None: the default
             bound; `"all"`: the whole batch).
@@ -104,7 +108,7 @@ class Curvature:
         *,
         has_aux: bool = False,
         wrt: filterlib.Filter = nnx.Param,
-        fisher_type: FisherType = "empirical",
+        fisher_type: FisherType = "auto",
         num_samples: int = 1,
         max_curvature_terms: int | Literal["all"] | None = None,
     ):
@@ -145,7 +149,7 @@ class Curvature:
             model: the flax.nnx model; its non-differentiated state is
                 updated as `loss_fn` updates it.
             *batch: the arguments `loss_fn` takes after the model.
-            key: a `jax.random` key for `fisher_type="mc"` (a fresh one every
+            key: a `jax.random` key for the sampled Fisher (a fresh one every
                 step; None derives one from the batch's contents, as in
                 `optax_ekfac.Curvature`); unused by the empirical Fisher.
 

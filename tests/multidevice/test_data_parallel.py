@@ -81,7 +81,7 @@ def problem():
         logits = model.apply({"params": params}, tokens, images)
         return oek.softmax_cross_entropy(logits, labels)
 
-    curvature = oek.Curvature(loss_fn)
+    curvature = oek.Curvature(loss_fn, fisher_type="empirical")
     layers = curvature.layers(params, *batches[0])
     assert not layers.fallback
     return dict(curvature=curvature, layers=layers, params=params, batches=batches)
@@ -381,8 +381,8 @@ def test_a_curvature_sample_takes_every_shards_share(problem, axis_type):
     """A bound of 8 examples on 4 devices: the first 2 of each shard of 4, the
     statistics of those examples; the loss and gradients the whole batch's."""
     loss_fn = problem["curvature"].loss_fn
-    sampled = oek.Curvature(loss_fn, max_curvature_terms=8)
-    whole = oek.Curvature(loss_fn, max_curvature_terms="all")
+    sampled = oek.Curvature(loss_fn, max_curvature_terms=8, fisher_type="empirical")
+    whole = oek.Curvature(loss_fn, max_curvature_terms="all", fisher_type="empirical")
     batch = problem["batches"][0]
     params = problem["params"]
     rows = jnp.array([0, 1, 4, 5, 8, 9, 12, 13])
