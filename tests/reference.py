@@ -56,10 +56,13 @@ def per_example(model, params, perturbations, loss_of_outputs, x, y):
         )
         return loss_of_outputs(outputs, y_n[None])[0]
 
-    param_grads, perturbation_grads = jax.vmap(
-        jax.grad(loss_n, argnums=(0, 1)), in_axes=(None, None, 0, 0)
+    # Jitted: one compilation, not one per operation.
+    param_grads, perturbation_grads = jax.jit(
+        jax.vmap(jax.grad(loss_n, argnums=(0, 1)), in_axes=(None, None, 0, 0))
     )(params, perturbations, x, y)
-    _, sown = model.apply({"params": params}, x, mutable=["intermediates"])
+    _, sown = jax.jit(
+        lambda params, x: model.apply({"params": params}, x, mutable=["intermediates"])
+    )(params, x)
     num_layers = len(model.features)
     inputs = {i: sown["intermediates"][f"input_{i}"][0] for i in range(num_layers)}
     output_grads = {
@@ -79,7 +82,7 @@ def per_example_param_grads(loss_fn, params, *batch):
         return loss_fn(params, *(arg[None] for arg in example)).sum()
 
     in_axes = (None,) + (0,) * len(batch)
-    return jax.vmap(jax.grad(loss_n), in_axes=in_axes)(params, *batch)
+    return jax.jit(jax.vmap(jax.grad(loss_n), in_axes=in_axes))(params, *batch)
 
 
 def labels_of_output_grads(loss, outputs, output_grads):

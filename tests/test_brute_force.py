@@ -804,6 +804,7 @@ def test_reference_rows_reproduce_vmap_grad(problem):
         )
 
 
+@pytest.mark.floor
 def test_blocks_match_brute_force(problem):
     """A, B, U_A, U_B, the EKFAC and K-FAC scalings and the EKFAC update of
     every block after one step on a fresh state.

@@ -56,7 +56,7 @@ def test_sampled_curvature_is_the_curvature_of_the_sample(mlp, max_terms, num_sa
     layers = curvature.layers(params, x, y)
     tx = oek.scale_by_ekfac(layers, damping=DAMPING)
     loss, grads, stats = jax.jit(curvature.value_grad_and_stats)(params, x, y)
-    updates, state = tx.update(grads, tx.init(params), params, stats=stats)
+    updates, state = jax.jit(tx.update)(grads, tx.init(params), params, stats=stats)
 
     # Loss and gradients: the whole batch's, from plain autodiff.
     def mean_loss(params):
@@ -118,12 +118,12 @@ def test_a_batch_within_the_bound_is_used_whole(mlp):
     whole = oek.Curvature(
         mlp["loss_fn"], max_curvature_terms="all", fisher_type="empirical"
     )
-    _, _, expected = whole.value_grad_and_stats(params, x, y)
+    _, _, expected = jax.jit(whole.value_grad_and_stats)(params, x, y)
     for rows in (None, NUM_EXAMPLES, 1000):
         curvature = oek.Curvature(
             mlp["loss_fn"], max_curvature_terms=rows, fisher_type="empirical"
         )
-        _, _, stats = curvature.value_grad_and_stats(params, x, y)
+        _, _, stats = jax.jit(curvature.value_grad_and_stats)(params, x, y)
         assert stats.num_terms == NUM_EXAMPLES and stats.num_batch_terms is None
         chex.assert_trees_all_close(stats.layers, expected.layers)
 
@@ -159,13 +159,15 @@ def test_token_losses_count_as_terms(tokens, fisher_type):
         tokens["loss_fn"], fisher_type=fisher_type, max_curvature_terms=17
     )
     key = jax.random.key(5)
-    loss, grads, stats = curvature.value_grad_and_stats(params, data, key=key)
+    loss, grads, stats = jax.jit(curvature.value_grad_and_stats)(params, data, key=key)
     whole = oek.Curvature(tokens["loss_fn"], fisher_type=fisher_type)
-    expected_loss, expected_grads, _ = whole.value_grad_and_stats(params, data, key=key)
+    expected_loss, expected_grads, _ = jax.jit(whole.value_grad_and_stats)(
+        params, data, key=key
+    )
     chex.assert_trees_all_close((loss, grads), (expected_loss, expected_grads))
     # The sample's statistics are those a capture of the first three sequences
     # gives, with the same key.
-    _, _, expected = whole.value_grad_and_stats(params, data[:3], key=key)
+    _, _, expected = jax.jit(whole.value_grad_and_stats)(params, data[:3], key=key)
     assert stats.num_terms == 3 * 5 and stats.gradient_terms == NUM_EXAMPLES * 5
     chex.assert_trees_all_close(stats.layers, expected.layers)
     for calls in stats.layers.values():
@@ -181,9 +183,9 @@ def test_the_fallback_scales_by_the_whole_batchs_terms(tokens):
     )
     layers = curvature.layers(params, data)
     assert layers.fallback
-    _, grads, stats = curvature.value_grad_and_stats(params, data)
+    _, grads, stats = jax.jit(curvature.value_grad_and_stats)(params, data)
     tx = oek.scale_by_ekfac(layers)
-    _, state = tx.update(grads, tx.init(params), params, stats=stats)
+    _, state = jax.jit(tx.update)(grads, tx.init(params), params, stats=stats)
     for path in layers.fallback:
         gradient = grads
         for key in path:
@@ -258,7 +260,7 @@ def test_the_default_sample_holds_32_sequences_of_token_losses(tokens):
     """20 terms per sequence: the default bound is the terms of 32 of them."""
     data = jax.random.randint(jax.random.key(9), (40, 21), 0, 7)
     curvature = oek.Curvature(tokens["loss_fn"], fisher_type="empirical")
-    _, _, stats = curvature.value_grad_and_stats(tokens["params"], data)
+    _, _, stats = jax.jit(curvature.value_grad_and_stats)(tokens["params"], data)
     assert stats.num_terms == 32 * 20 and stats.num_batch_terms == 40 * 20
 
 
@@ -269,13 +271,13 @@ def test_accumulated_micro_batches_each_give_their_sample(mlp):
     sampled = oek.Curvature(
         mlp["loss_fn"], max_curvature_terms=3, fisher_type="empirical"
     )
-    loss, grads, stats = oek.accumulated(sampled, 2)(params, x, y)
+    loss, grads, stats = jax.jit(oek.accumulated(sampled, 2))(params, x, y)
     whole = oek.Curvature(
         mlp["loss_fn"], max_curvature_terms="all", fisher_type="empirical"
     )
-    expected_loss, expected_grads, _ = whole.value_grad_and_stats(params, x, y)
+    expected_loss, expected_grads, _ = jax.jit(whole.value_grad_and_stats)(params, x, y)
     rows = jnp.array([0, 1, 2, 8, 9, 10])
-    _, _, expected = whole.value_grad_and_stats(params, x[rows], y[rows])
+    _, _, expected = jax.jit(whole.value_grad_and_stats)(params, x[rows], y[rows])
     chex.assert_trees_all_close((loss, grads), (expected_loss, expected_grads))
     assert stats.num_terms == 6 and float(stats.num_batch_terms) == NUM_EXAMPLES
     chex.assert_trees_all_close(stats.layers, expected.layers)

@@ -225,7 +225,7 @@ def test_conv_patches_are_the_kernel_jacobian(conv):
         fisher_type="empirical",
     )
     block = curvature.layers(params, x).blocks[0]
-    _, _, stats = curvature.value_grad_and_stats(params, x)
+    _, _, stats = jax.jit(curvature.value_grad_and_stats)(params, x)
     rows, _ = kinds.example_rows(block, stats.layers["conv"], jnp.float64)
     rows = rows if block.grouped else rows[None]
     for group in range(groups):
@@ -365,9 +365,9 @@ def test_embed_per_position_scalings_equal_the_reference(name):
     _, params, batch, loss_fn = _problem(name)
     curvature = oek.Curvature(loss_fn, fisher_type="empirical")
     layers = curvature.layers(params, *batch)
-    _, grads, stats = curvature.value_grad_and_stats(params, *batch)
+    _, grads, stats = jax.jit(curvature.value_grad_and_stats)(params, *batch)
     tx = oek.scale_by_ekfac(layers)
-    state = tx.update(grads, tx.init(params), params, stats=stats)[1]
+    state = jax.jit(tx.update)(grads, tx.init(params), params, stats=stats)[1]
     block = next(b for b in layers.blocks if b.name == "embed")
     assert block.call_methods == (
         ("__call__", "attend") if name == "tied" else ("__call__",)
@@ -384,9 +384,9 @@ def test_reduce_sums_positions_before_the_outer_products():
     _, params, batch, loss_fn = _problem("attention")
     curvature = oek.Curvature(loss_fn, fisher_type="empirical")
     layers = curvature.layers(params, *batch)
-    _, grads, stats = curvature.value_grad_and_stats(params, *batch)
+    _, grads, stats = jax.jit(curvature.value_grad_and_stats)(params, *batch)
     tx = oek.scale_by_ekfac(layers, weight_sharing="reduce")
-    state = tx.update(grads, tx.init(params), params, stats=stats)[1]
+    state = jax.jit(tx.update)(grads, tx.init(params), params, stats=stats)[1]
     block = next(b for b in layers.blocks if b.name == "attention/query")
     inputs, outputs = kinds.example_rows(block, stats.layers[block.name], jnp.float64)
     mean_inputs, summed_outputs = inputs.mean(1), outputs.sum(1)

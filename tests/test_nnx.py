@@ -177,6 +177,7 @@ def test_layers_are_the_linen_twins(twins):
     assert not twins["layers"].fallback
 
 
+@pytest.mark.floor
 def test_loss_grads_statistics_and_update_equal_linen(twins):
     loss, grads, stats, updates = twins["nnx"]
     linen_loss, linen_grads, linen_stats, linen_updates = twins["linen"]

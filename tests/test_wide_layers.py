@@ -116,7 +116,7 @@ def test_padding_stays_out_of_rank_deficient_blocks(eigenvalue_correction):
         max_factor_dim=max_factor_dim,
         eigenvalue_correction=eigenvalue_correction,
     )
-    _, grads, stats = curvature.value_grad_and_stats(params, x, y)
+    _, grads, stats = jax.jit(curvature.value_grad_and_stats)(params, x, y)
     updates, state = jax.jit(tx.update)(grads, tx.init(params), params, stats=stats)
 
     inputs, output_grads, param_grads = reference.per_example(
