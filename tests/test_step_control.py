@@ -1076,7 +1076,7 @@ def nan_statistics(grads, stats):
 
 
 def nan_loss_model(grads, stats):
-    """Finite gradients and statistics, a NaN quadratic model."""
+    """Finite gradients, statistics and loss, a NaN quadratic model."""
     model = stats.loss_model
     return grads, stats._replace(
         loss_model=dataclasses.replace(model, params=with_nan(model.params))
@@ -1104,6 +1104,16 @@ def test_non_finite_step_moves_nothing_and_only_counts_itself(first, second, cor
 
     chex.assert_trees_all_equal(updates, optax.tree.zeros_like(second.problem.params))
     state = second.state
+    if corrupt is nan_loss_model:
+        # Only the quadratic model is non-finite: the step control's state is
+        # kept, and the curvature estimate takes the batch's finite
+        # statistics, as the same step with a finite model does.
+        _, taken = update(
+            tx, second.grads, second.state, second.problem.params, second.stats
+        )
+        state = state._replace(preconditioner=taken.preconditioner)
+        counted = second.state.preconditioner.count
+        assert int(taken.preconditioner.count) == int(counted) + 1
     skipped = state.preconditioner.skipped_steps
     assert new_state.preconditioner.skipped_steps == skipped + 1
     rest = new_state._replace(

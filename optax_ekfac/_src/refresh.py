@@ -8,8 +8,9 @@ block owns, the running average of `N g²`.
 The running averages are bias-corrected, so after the first update they hold
 exactly the first batch's estimates; the scalings restart whenever the basis
 changes. Factors and scalings are refreshed every `stats_update_every`
-updates and the eigenbases every `eigen_update_every`; both are `lax.cond`s
-on the count (`Schedule`), so one compiled step serves every step.
+updates and the eigenbases every `eigen_update_every`, by `lax.cond`s on the
+count (`Schedule`), so one compiled step serves every step; statistics due at
+every update need no `lax.cond`, only a select for a skipped (non-finite) one.
 """
 
 import math
@@ -60,15 +61,24 @@ def maybe_refreshed(
 ) -> tuple[dict[str, BlockState], dict[str, jax.Array]]:
     """The blocks (factors, eigenbases when due, scalings) and the fallback's
     second moments after this batch, or as they were when the schedule skips
-    the refresh: one `lax.cond`."""
+    the refresh.
+
+    With the statistics due at every update (`stats_update_every=1`, the
+    default) the refresh is computed at every update and a skipped one (a
+    non-finite batch) keeps the old running averages by a select that XLA
+    fuses into them; otherwise it is a `lax.cond`, whose branches copy every
+    state array (one compiled kernel each) but skip the refresh's work.
+    """
 
     def refreshed(blocks, second_moments):
         blocks = refreshed_blocks(layers.blocks, blocks, stats, options, schedule)
         second_moments = refreshed_second_moments(
-            second_moments, grads, stats.gradient_terms, options, schedule.stats_count
+            second_moments, grads, stats.gradient_terms, options, schedule
         )
         return blocks, second_moments
 
+    if isinstance(options.stats_update_every, int) and options.stats_update_every == 1:
+        return refreshed(state.blocks, state.second_moments)
     return jax.lax.cond(
         schedule.refresh_stats,
         refreshed,
@@ -92,15 +102,16 @@ def refreshed_second_moments(
     grads: dict,
     num_terms: int,
     options: Options,
-    stats_count: jax.Array,
+    schedule: Schedule,
 ) -> dict[str, jax.Array]:
     """The running averages of `N g²` of the fallback parameters."""
     return {
-        key: curvature.ema(
+        key: _averaged(
             moment,
             num_terms * jnp.square(grads[tuple(key.split("/"))]),
             options.refresh_decay,
-            stats_count,
+            schedule.stats_count,
+            schedule.refresh_stats,
         )
         for key, moment in second_moments.items()
     }
@@ -128,7 +139,7 @@ def refreshed_blocks(
             rows[block.name],
             stats.num_sampled_terms,
             options,
-            schedule.stats_count,
+            schedule,
         )
 
     def keep(factors):
@@ -154,7 +165,7 @@ def refreshed_blocks(
                 bases[block.name],
                 stats.num_sampled_terms,
                 options,
-                schedule.scalings_count,
+                schedule,
             )
         refreshed[block.name] = BlockState(
             *factors[block.name], input_basis, output_basis, scalings
@@ -168,14 +179,23 @@ def _refreshed_factors(
     rows: Rows,
     num_terms: Any,
     options: Options,
-    stats_count: jax.Array,
+    schedule: Schedule,
 ) -> tuple[jax.Array, jax.Array]:
     """The running averages of `A` and `B` after one batch of rows."""
     input_batch, output_batch = kinds.batch_factors(block, rows, num_terms, options)
-    decay = options.refresh_decay
+
+    def averaged(average, batch):
+        return _averaged(
+            average,
+            batch,
+            options.refresh_decay,
+            schedule.stats_count,
+            schedule.refresh_stats,
+        )
+
     return (
-        curvature.ema(state.input_factor, input_batch, decay, stats_count),
-        curvature.ema(state.output_factor, output_batch, decay, stats_count),
+        averaged(state.input_factor, input_batch),
+        averaged(state.output_factor, output_batch),
     )
 
 
@@ -185,14 +205,28 @@ def _refreshed_scalings(
     bases: BasesAndScalings,
     num_terms: Any,
     options: Options,
-    scalings_count: jax.Array,
+    schedule: Schedule,
 ) -> jax.Array:
     """The running average of `S` in the current eigenbases after one batch."""
     input_basis, output_basis, scalings = bases
     batch = kinds.batch_scalings(
         block, rows, (input_basis, output_basis), num_terms, options
     )
-    return curvature.ema(scalings, batch, options.refresh_decay, scalings_count)
+    return _averaged(
+        scalings,
+        batch,
+        options.refresh_decay,
+        schedule.scalings_count,
+        schedule.refresh_stats,
+    )
+
+
+def _averaged(
+    average: jax.Array, value: jax.Array, decay: Any, count: jax.Array, due: jax.Array
+) -> jax.Array:
+    """The running average after `value` where `due`, else as it was (a
+    skipped batch's NaN never reaches it)."""
+    return jnp.where(due, curvature.ema(average, value, decay, count), average)
 
 
 def _eigenbases(

@@ -257,15 +257,24 @@ def adaptive(
             fresh_batch_change=jnp.where(due, fresh_change, state.fresh_batch_change),
             rejected_steps=state.rejected_steps + rejected.astype(jnp.int32),
         )
-        # A skipped step (non-finite gradients, statistics, model or loss)
-        # moves nothing and keeps the state, apart from the preconditioner's
-        # count of skipped steps.
-        kept = state._replace(
-            preconditioner=state.preconditioner._replace(
-                skipped_steps=optax.safe_increment(state.preconditioner.skipped_steps)
+        # A skipped step moves nothing and keeps the step control's state.
+        # The preconditioner decided for its own state (it skips non-finite
+        # gradients, statistics or loss), so no select copies its arrays:
+        # past that check only the quadratic model can be non-finite, and
+        # then the batch's finite statistics are kept. Either way the step
+        # counts as skipped once.
+        new_state = optax.tree.where(
+            finite, new_state, state._replace(preconditioner=preconditioner)
+        )
+        new_state = new_state._replace(
+            preconditioner=preconditioner._replace(
+                skipped_steps=jnp.where(
+                    finite | skipped,
+                    preconditioner.skipped_steps,
+                    optax.safe_increment(preconditioner.skipped_steps),
+                )
             )
         )
-        new_state = optax.tree.where(finite, new_state, kept)
         step = optax.tree.where(finite, step, optax.tree.zeros_like(step))
         if decay is None:
             return step, new_state

@@ -63,7 +63,8 @@ def scale_by_ekfac(
     `ekfac_sgd`, or the adaptive `ekfac`), since it returns the
     preconditioned gradient, not a step.
 
-    A step whose gradients or statistics hold a NaN or an infinity is skipped:
+    A step whose gradients or statistics (the batch's loss included, where
+    they carry it) hold a NaN or an infinity is skipped:
     the state stays as it was (factors, eigenbases, scalings, second moments
     and `count`, so the amortization schedule is not shifted) except
     `skipped_steps`, and the gradients are returned as they came (NaN and
@@ -207,7 +208,7 @@ def scale_by_ekfac(
         # One flag for the whole step, computed in the compiled step: a NaN or
         # an infinity anywhere in the gradients or statistics skips the
         # refresh (no eigh of a NaN factor) and leaves the state as it was.
-        finite = _all_finite(updates, stats.layers)
+        finite = _all_finite(updates, stats.layers, _batch_loss(stats))
         schedule = refresh.schedule(state, finite, options)
         blocks, second_moments = refresh.maybe_refreshed(
             active, state, stats, grads, schedule, options
@@ -276,10 +277,13 @@ def ekfac(
     loss along its own parameters, the others held where they are;
     `accumulated` gives it the whole batch's loss model.
 
-    A step whose gradients, statistics, quadratic model or batch loss hold a
-    NaN or an infinity is skipped as a whole: the updates are zeros and the
-    state is unchanged except `skipped_steps` of the `ScaleByEkfacState`;
-    the decision is made inside the compiled step.
+    A step whose gradients, statistics or batch loss hold a NaN or an
+    infinity is skipped as a whole: the updates are zeros and the state is
+    unchanged except `skipped_steps` of the `ScaleByEkfacState`. One whose
+    quadratic model alone is not finite (an overflow in the curvature
+    products along the direction) is skipped too, but the batch's finite
+    statistics stay in the curvature estimate. The decisions are made inside
+    the compiled step.
 
     Every numeric argument can be scheduled or changed between steps with
     `optax.inject_hyperparams(ekfac)(layers, ...)`, with no `static_args`
@@ -662,6 +666,12 @@ def _all_finite(*trees: Any) -> jax.Array:
         leaves = [jnp.concatenate(group) for group in by_dtype.values()]
     checks = [jnp.isfinite(leaf).all() for leaf in leaves]
     return jnp.all(jnp.asarray(checks, bool)) if checks else jnp.asarray(True)
+
+
+def _batch_loss(stats: Statistics) -> jax.Array | None:
+    """The batch's loss where the statistics carry it: a batch whose loss is
+    not finite is not learned from, even where its gradients are."""
+    return None if stats.loss_model is None else stats.loss_model.loss
 
 
 def _preconditioned_blocks(
