@@ -185,7 +185,11 @@ def test_the_multi_device_block_trains_on_two_devices(tmp_path):
             readme=_set_up(_block(README.name, 0)), names=names, block=code, name=name
         )
     )
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    # The suite's flags (conftest.py), and two devices.
+    flags = os.environ.get("XLA_FLAGS", "")
+    env = dict(
+        os.environ, XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count=2"
+    )
     result = subprocess.run(
         [sys.executable, str(script)], env=env, capture_output=True, text=True
     )

@@ -5,6 +5,8 @@ so that a jitted step compiles no threefry loop (on CPU a rolled loop of many
 kernels per draw, most of the capture's compile time).
 """
 
+import os
+
 import chex
 import flax.linen as nn
 import jax
@@ -86,5 +88,13 @@ def test_sampled_labels_follow_the_predictive_distribution(problem):
 
 def test_mc_capture_compiles_no_prng_loop(problem):
     curvature, params, x, y = problem
-    compiled = jax.jit(curvature.value_grad_and_stats).lower(params, x, y).compile()
+    # With XLA's default fusion emitters, as users compile it: the suite's
+    # cheaper ones (conftest.py) lower every scatter-add to a loop.
+    options = (
+        {"xla_cpu_use_fusion_emitters": True}
+        if "xla_cpu_use_fusion_emitters" in os.environ.get("XLA_FLAGS", "")
+        else None
+    )
+    lowered = jax.jit(curvature.value_grad_and_stats).lower(params, x, y)
+    compiled = lowered.compile(compiler_options=options)
     assert " while(" not in compiled.as_text()

@@ -6,6 +6,8 @@ and updates the brute-force tests pin down), with the parameters mapped layer
 by layer. Everything is float64 unless a test says otherwise.
 """
 
+import functools
+
 import chex
 import flax.linen as nn
 import jax
@@ -286,6 +288,24 @@ class KindsModel(nn.Module):
         return nn.Dense(VOCABULARY, name="head")(x)
 
 
+@functools.cache
+def _kinds_statistics(kind, scanned):
+    """`KindsModel`'s params, layers and `(grads, stats)` of two batches: the
+    same for every `max_factor_dim`, so computed once per model."""
+    unrolled_params = KindsModel(kind, scanned=False).init(
+        jax.random.key(3), _batch()[0]
+    )["params"]
+    params = jax.tree.map(lambda leaf: leaf.astype(jnp.float64), unrolled_params)
+    if scanned:
+        params = _scanned_params(params, "scan")
+    curvature = oek.Curvature(
+        _loss_fn(KindsModel(kind, scanned)), fisher_type="empirical"
+    )
+    layers = curvature.layers(params, *_batch())
+    step = jax.jit(curvature.value_grad_and_stats)
+    return params, layers, [step(params, *_batch(seed))[1:] for seed in (0, 1)]
+
+
 @pytest.mark.parametrize("kind", ["grouped_conv", "embed"])
 @pytest.mark.parametrize("max_factor_dim", [None, 2])
 def test_grouped_conv_and_embed_in_a_scan_equal_the_unrolled_twins(
@@ -296,27 +316,14 @@ def test_grouped_conv_and_embed_in_a_scan_equal_the_unrolled_twins(
     the scanned model give the unrolled twin's updates, layer by layer; also
     with block-diagonal factors (`max_factor_dim=2`: the conv's 7-wide input
     side, the embedding's and the Dense's sides in blocks of 2 or 3)."""
-    batch = _batch()
-    unrolled_params = KindsModel(kind, scanned=False).init(
-        jax.random.key(3), batch[0]
-    )["params"]
-    unrolled_params = jax.tree.map(
-        lambda leaf: leaf.astype(jnp.float64), unrolled_params
-    )
     updates = {}
     for scanned in (False, True):
-        model = KindsModel(kind, scanned)
-        params = unrolled_params
-        if scanned:
-            params = _scanned_params(unrolled_params, "scan")
-        curvature = oek.Curvature(_loss_fn(model), fisher_type="empirical")
-        layers = curvature.layers(params, *batch)
+        params, layers, steps = _kinds_statistics(kind, scanned)
         tx = oek.scale_by_ekfac(layers, max_factor_dim=max_factor_dim, **SETTINGS)
         state = tx.init(params)
-        step = jax.jit(curvature.value_grad_and_stats)
-        for seed in (0, 1):
-            _, grads, stats = step(params, *_batch(seed))
-            updates[scanned], state = tx.update(grads, state, params, stats=stats)
+        update = jax.jit(tx.update)  # one compilation for both updates
+        for grads, stats in steps:
+            updates[scanned], state = update(grads, state, params, stats=stats)
         if scanned:
             assert [block.stack for block in layers.blocks if block.stack] == [
                 (NUM_LAYERS,)
@@ -324,6 +331,7 @@ def test_grouped_conv_and_embed_in_a_scan_equal_the_unrolled_twins(
     chex.assert_trees_all_close(
         _unrolled(updates[True]), updates[False], rtol=1e-8, atol=1e-12
     )
+
 
 def test_adaptive_ekfac_on_a_scanned_model_equals_the_unrolled_twins():
     unrolled_params = _init("unrolled")

@@ -1,17 +1,17 @@
-"""Data parallelism on several devices: each file of `tests/multidevice` in a process
-of its own.
+"""Data parallelism on several devices: the files of `tests/multidevice`, in one
+process of their own.
 
 JAX fixes its devices when it starts, and the rest of the suite runs on one,
 so the multi-device tests run in a fresh Python with 4 fake CPU devices
-(`--xla_force_host_platform_device_count=4`).
+(`--xla_force_host_platform_device_count=4`): one for all the files, so that
+Python, JAX and the tests' shared modules start once.
 """
 
 import os
 import pathlib
+import re
 import subprocess
 import sys
-
-import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 NUM_DEVICES = 4
@@ -30,9 +30,7 @@ def test_every_multidevice_file_is_run():
     }
 
 
-# One process per file, so that the test run's workers share them out.
-@pytest.mark.parametrize("name", MULTIDEVICE_FILES)
-def test_multidevice_suite(name):
+def test_multidevice_suite():
     flags = os.environ.get("XLA_FLAGS", "")
     env = dict(
         os.environ,
@@ -40,15 +38,8 @@ def test_multidevice_suite(name):
         JAX_PLATFORMS="cpu",  # fake devices are CPU devices, even beside a GPU
     )
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            str(ROOT / "tests" / "multidevice" / name),
-        ],
+        [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider"]
+        + [str(ROOT / "tests" / "multidevice" / name) for name in MULTIDEVICE_FILES],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -58,3 +49,6 @@ def test_multidevice_suite(name):
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-10000:]
     assert " passed" in output and "skipped" not in output, output[-3000:]
+    # `-rA` names every test that passed: each file ran.
+    passed = set(re.findall(r"^PASSED tests/multidevice/(\w+\.py)::", output, re.M))
+    assert passed == set(MULTIDEVICE_FILES), output[-3000:]

@@ -20,12 +20,12 @@ import reference
 
 import optax_ekfac as oek
 
-HIDDEN, CLASSES, BATCH = 256, 8192, 8
+HIDDEN, CLASSES, BATCH = 256, 4096, 8
 DEFAULT_MAX_FACTOR_DIM = 1024  # `max_factor_dim=None`, as documented
 
 
 class WideHead(nn.Module):
-    """A small MLP whose output head is `Dense(256 -> 8192)`."""
+    """A small MLP whose output head is `Dense(256 -> 4096)`."""
 
     @nn.compact
     def __call__(self, x):
@@ -34,9 +34,9 @@ class WideHead(nn.Module):
 
 
 def test_a_vocabulary_sized_head_trains_with_defaults_in_blocked_factors():
-    """`ekfac(layers)` with every default on `Dense(256 -> 8192)`: the head's
-    8192-wide output side is held as diagonal blocks no wider than the
-    default `max_factor_dim` (memory `8192 b`, not `8192²`), its 257-wide
+    """`ekfac(layers)` with every default on `Dense(256 -> 4096)`: the head's
+    4096-wide output side is held as diagonal blocks no wider than the
+    default `max_factor_dim` (memory `4096 b`, not `4096²`), its 257-wide
     input side stays dense, `jax.eval_shape(tx.init, params)` has the
     state's shapes (a checkpoint's restore target), and the loss
     of one batch falls tenfold within 10 steps (one eigenbasis refresh)."""
