@@ -8,9 +8,8 @@ block owns, the running average of `N g²`.
 The running averages are bias-corrected, so after the first update they hold
 exactly the first batch's estimates; the scalings restart whenever the basis
 changes. Factors and scalings are refreshed every `stats_update_every`
-updates and the eigenbases every `eigen_update_every`, by `lax.cond`s on the
-count (`Schedule`), so one compiled step serves every step; statistics due at
-every update need no `lax.cond`, only a select for a skipped (non-finite) one.
+updates and the eigenbases every `eigen_update_every`; both are `lax.cond`s
+on the count (`Schedule`), so one compiled step serves every step.
 """
 
 import math
@@ -61,24 +60,15 @@ def maybe_refreshed(
 ) -> tuple[dict[str, BlockState], dict[str, jax.Array]]:
     """The blocks (factors, eigenbases when due, scalings) and the fallback's
     second moments after this batch, or as they were when the schedule skips
-    the refresh.
-
-    With the statistics due at every update (`stats_update_every=1`, the
-    default) the refresh is computed at every update and a skipped one (a
-    non-finite batch) keeps the old running averages by a select that XLA
-    fuses into them; otherwise it is a `lax.cond`, whose branches copy every
-    state array (one compiled kernel each) but skip the refresh's work.
-    """
+    the refresh: one `lax.cond`."""
 
     def refreshed(blocks, second_moments):
         blocks = refreshed_blocks(layers.blocks, blocks, stats, options, schedule)
         second_moments = refreshed_second_moments(
-            second_moments, grads, stats.gradient_terms, options, schedule
+            second_moments, grads, stats.gradient_terms, options, schedule.stats_count
         )
         return blocks, second_moments
 
-    if isinstance(options.stats_update_every, int) and options.stats_update_every == 1:
-        return refreshed(state.blocks, state.second_moments)
     return jax.lax.cond(
         schedule.refresh_stats,
         refreshed,
@@ -102,16 +92,15 @@ def refreshed_second_moments(
     grads: dict,
     num_terms: int,
     options: Options,
-    schedule: Schedule,
+    stats_count: jax.Array,
 ) -> dict[str, jax.Array]:
     """The running averages of `N g²` of the fallback parameters."""
     return {
-        key: _averaged(
+        key: curvature.ema(
             moment,
             num_terms * jnp.square(grads[tuple(key.split("/"))]),
             options.refresh_decay,
-            schedule.stats_count,
-            schedule.refresh_stats,
+            stats_count,
         )
         for key, moment in second_moments.items()
     }
@@ -139,7 +128,7 @@ def refreshed_blocks(
             rows[block.name],
             stats.num_sampled_terms,
             options,
-            schedule,
+            schedule.stats_count,
         )
 
     def keep(factors):
@@ -165,7 +154,7 @@ def refreshed_blocks(
                 bases[block.name],
                 stats.num_sampled_terms,
                 options,
-                schedule,
+                schedule.scalings_count,
             )
         refreshed[block.name] = BlockState(
             *factors[block.name], input_basis, output_basis, scalings
@@ -179,23 +168,14 @@ def _refreshed_factors(
     rows: Rows,
     num_terms: Any,
     options: Options,
-    schedule: Schedule,
+    stats_count: jax.Array,
 ) -> tuple[jax.Array, jax.Array]:
     """The running averages of `A` and `B` after one batch of rows."""
     input_batch, output_batch = kinds.batch_factors(block, rows, num_terms, options)
-
-    def averaged(average, batch):
-        return _averaged(
-            average,
-            batch,
-            options.refresh_decay,
-            schedule.stats_count,
-            schedule.refresh_stats,
-        )
-
+    decay = options.refresh_decay
     return (
-        averaged(state.input_factor, input_batch),
-        averaged(state.output_factor, output_batch),
+        curvature.ema(state.input_factor, input_batch, decay, stats_count),
+        curvature.ema(state.output_factor, output_batch, decay, stats_count),
     )
 
 
@@ -205,28 +185,14 @@ def _refreshed_scalings(
     bases: BasesAndScalings,
     num_terms: Any,
     options: Options,
-    schedule: Schedule,
+    scalings_count: jax.Array,
 ) -> jax.Array:
     """The running average of `S` in the current eigenbases after one batch."""
     input_basis, output_basis, scalings = bases
     batch = kinds.batch_scalings(
         block, rows, (input_basis, output_basis), num_terms, options
     )
-    return _averaged(
-        scalings,
-        batch,
-        options.refresh_decay,
-        schedule.scalings_count,
-        schedule.refresh_stats,
-    )
-
-
-def _averaged(
-    average: jax.Array, value: jax.Array, decay: Any, count: jax.Array, due: jax.Array
-) -> jax.Array:
-    """The running average after `value` where `due`, else as it was (a
-    skipped batch's NaN never reaches it)."""
-    return jnp.where(due, curvature.ema(average, value, decay, count), average)
+    return curvature.ema(scalings, batch, options.refresh_decay, scalings_count)
 
 
 def _eigenbases(
